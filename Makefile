@@ -1,0 +1,27 @@
+# The two README commands: `make demo` and `make test`. Both set up from scratch.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+RUN ?= runs/demo
+
+.PHONY: install install-dev demo test lint
+
+# torch first, and only if missing: a GPU user's CUDA build stays; on a CPU machine the
+# pinned 2.13.0 is the CPU build (an unpinned torch can pull a multi-GB CUDA build).
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
+	$(PIP) install -q -e .
+
+install-dev:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
+	$(PIP) install -q -e ".[dev]"
+
+demo: install
+	$(PYTHON) -m jobs.demo --run-dir $(RUN)
+
+# pytest exit 5 (no tests collected) is a failure: CI must run the suite.
+test: install-dev
+	$(PYTHON) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+lint:
+	ruff check . && ruff format --check .

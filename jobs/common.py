@@ -1,0 +1,40 @@
+"""Shared plumbing of the thin stage entry points: argument parsing, Ray start, config files."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import yaml
+
+from qgate.config import ConfigError, load_config, to_dict
+
+
+def parse(cls, argv, description: str):
+    """Parse ``--config FILE [key=value ...]`` into config dataclass ``cls``."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--config", help="YAML config file (see jobs/configs/)")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, dotted for sections")
+    args = ap.parse_args(argv)
+    try:
+        return load_config(cls, args.config, args.overrides)
+    except ConfigError as e:
+        ap.exit(2, f"config error: {e}\n")
+
+
+def init_ray() -> None:
+    """Connect to RAY_ADDRESS (e.g. under `ray job submit`), else start an embedded Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+
+
+def write_config(cfg, out_dir: str, name: str = "config.yaml") -> str:
+    """Write the resolved config beside a stage's artifacts."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    return path

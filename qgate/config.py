@@ -1,0 +1,407 @@
+"""Typed, validated configs for every stage.
+
+Each stage reads one YAML file into a dataclass here, plus ``key=value`` overrides from the
+command line (dotted keys reach nested sections: ``scaling.num_workers=4``). Unknown keys,
+wrong types and out-of-range values fail with the key's name before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, of the wrong type, or out of range."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class Scaling:
+    """Ray Train workers: count, GPU use and resources per worker."""
+
+    num_workers: int = 2
+    """Training workers (DDP ranks)."""
+    use_gpu: bool = False
+    """One GPU per worker when true."""
+    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
+    """Ray resources per worker; fractional CPU lets small runs share a 2-core machine."""
+
+    def __post_init__(self):
+        _check(self.num_workers >= 1, "scaling.num_workers", "must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """Fields shared by the two training stages (warmup and finetune)."""
+
+    run_dir: str = "runs/demo"
+    """Root of this run's artifacts; each stage writes RUN/<stage>/."""
+    name: str | None = None
+    """Ray Train run name; re-launching with the same name and storage_path resumes."""
+    lr: float = 3e-3
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_ratio: float = 0.0
+    """Fraction of steps with linear learning-rate warm-up."""
+    weight_decay: float = 0.0
+    epochs: float = 1.0
+    """Passes over the data; ignored when max_steps is set."""
+    max_steps: int | None = None
+    batch_size: int = 8
+    """Rows per worker per micro-step."""
+    grad_accum: int = 1
+    max_length: int = 512
+    loss_on: Literal["assistant", "all"] = "assistant"
+    """Which tokens the LM loss counts."""
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    scaling: Scaling = field(default_factory=Scaling)
+    storage_path: str | None = None
+    """Where Ray Train keeps checkpoints (default RUN/ray_train); shared storage on clusters."""
+    checkpoint_every: int = 50
+    report_every: int = 10
+    max_failures: int = 2
+    """Worker failures tolerated; training continues from the last checkpoint."""
+    num_to_keep: int = 2
+    device_threads: int | None = None
+    """torch threads per worker on CPU (default: CPUs requested, at least 1)."""
+
+    def __post_init__(self):
+        _check(self.lr > 0, "lr", "must be > 0")
+        _check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        _check(self.epochs > 0, "epochs", "must be > 0")
+        _check(self.max_steps is None or self.max_steps > 0, "max_steps", "must be > 0")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.grad_accum >= 1, "grad_accum", "must be >= 1")
+        _check(self.max_length >= 8, "max_length", "must be >= 8")
+        _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+        _check(self.report_every >= 1, "report_every", "must be >= 1")
+        _check(self.max_failures >= -1, "max_failures", "must be >= -1 (-1: unlimited)")
+
+
+@dataclass
+class WarmupConfig(TrainConfig):
+    """Stage 1: train only the gates of a frozen base model."""
+
+    base_model: str = ""
+    """HF causal LM directory (Qwen3, Qwen2, Llama, Mistral shapes)."""
+    mode: Literal["probe", "mix"] = "probe"
+    bias_init: float | None = None
+    """Gate bias at init (default: 0 for probe, 4 for mix)."""
+    corpus: list[str] = field(default_factory=list)
+    """Corpus files or globs (JSONL, JSON, parquet; local or URIs)."""
+    subset_ratio: float = 1.0
+    """Share of the corpus used for warmup (seeded sample)."""
+    subset_count: int | None = None
+    """Rows used for warmup; wins over subset_ratio."""
+    target: list[str] = field(default_factory=list)
+    """Optional target-task corpus, mixed in for loss=target_balanced."""
+    target_fraction: float = 0.25
+    """Share of each batch drawn from the target set."""
+    loss: Literal["linear", "target_balanced"] = "linear"
+    quality_weight: float = 1.0
+    balance: float = 0.2
+    """target_balanced: pool rows weigh balance*g, target rows (2-balance)*(1-g)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(bool(self.base_model), "base_model", "is required")
+        _check(bool(self.corpus), "corpus", "needs at least one path")
+        _check(0 < self.subset_ratio <= 1, "subset_ratio", "must be in (0, 1]")
+        _check(0 <= self.balance <= 2, "balance", "must be in [0, 2]")
+        _check(0 < self.target_fraction < 1, "target_fraction", "must be in (0, 1)")
+        if self.loss == "target_balanced":
+            _check(bool(self.target), "target", "is required when loss=target_balanced")
+
+
+@dataclass
+class Lora:
+    """PEFT LoRA settings."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    """Module names, or ["all-linear"]."""
+
+    def __post_init__(self):
+        _check(self.r >= 1, "lora.r", "must be >= 1")
+        _check(0 <= self.dropout < 1, "lora.dropout", "must be in [0, 1)")
+        _check(bool(self.target_modules), "lora.target_modules", "must not be empty")
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """Stage 3: LoRA-finetune a target model on the selection."""
+
+    target_model: str = ""
+    """HF causal LM directory to finetune (need not be the gated base)."""
+    data: list[str] = field(default_factory=list)
+    """Training rows (default RUN/selection/selected.jsonl)."""
+    lora: Lora = field(default_factory=Lora)
+    merge: bool = False
+    """Also write a merged full model to RUN/finetune/merged."""
+    output: str | None = None
+    """Default RUN/finetune."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(bool(self.target_model), "target_model", "is required")
+
+
+@dataclass
+class Actors:
+    """The scoring actor pool."""
+
+    min_size: int = 1
+    max_size: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+    def __post_init__(self):
+        _check(1 <= self.min_size <= self.max_size, "actors", "need 1 <= min_size <= max_size")
+
+
+@dataclass
+class ScoreConfig:
+    """Stage 2: score every corpus row with the gated model."""
+
+    run_dir: str = "runs/demo"
+    base_model: str = ""
+    gates: str | None = None
+    """Gates directory (default RUN/warmup)."""
+    corpus: list[str] = field(default_factory=list)
+    output: str | None = None
+    """Default RUN/scores."""
+    max_length: int = 1024
+    loss_on: Literal["assistant", "all"] = "assistant"
+    """Which tokens are scored (nll and gate weights)."""
+    alpha: float = 1.0
+    eps: float = 1e-8
+    embedding_dim: int | None = None
+    """Project embeddings to this size with a seeded random matrix (None: hidden size)."""
+    embedding_seed: int = 0
+    ifd: bool = True
+    """Also score the answer alone for IFD (one more forward per sample)."""
+    actors: Actors = field(default_factory=Actors)
+    batch_rows: int = 256
+    """Rows per Ray Data batch: the window that is sorted by length."""
+    batch_tokens: int = 16384
+    """Cap on padded tokens per forward pass."""
+    rows_per_shard: int = 5000
+    """Input rows per output shard (the unit of resume)."""
+    read_num_cpus: float = 0.25
+    debug_tokens: bool = False
+    """Also store token-level nll and gates (large)."""
+    device: str = "auto"
+
+    def __post_init__(self):
+        _check(bool(self.base_model), "base_model", "is required")
+        _check(bool(self.corpus), "corpus", "needs at least one path")
+        _check(self.max_length >= 8, "max_length", "must be >= 8")
+        _check(self.batch_rows >= 1, "batch_rows", "must be >= 1")
+        _check(self.batch_tokens >= self.max_length, "batch_tokens", "must be >= max_length")
+        _check(self.rows_per_shard >= 1, "rows_per_shard", "must be >= 1")
+        _check(
+            self.embedding_dim is None or self.embedding_dim >= 1, "embedding_dim", "must be >= 1"
+        )
+
+
+SELECT_METHODS = (
+    "quality_gate",
+    "perplexity",
+    "ifd",
+    "length",
+    "random",
+    "worst_rank",
+    "rank_mean",
+)
+
+
+@dataclass
+class SelectConfig:
+    """Selection: score -> rank -> (diversity) -> budget."""
+
+    run_dir: str = "runs/demo"
+    scores: str | None = None
+    """Scores directory (default RUN/scores)."""
+    corpus: list[str] = field(default_factory=list)
+    """The scored corpus, to join selected rows back (same paths as the score stage)."""
+    output: str | None = None
+    """Default RUN/selection."""
+    method: Literal[SELECT_METHODS] = "quality_gate"
+    signals: list[str] = field(default_factory=lambda: ["gate", "perplexity", "ifd"])
+    """Signals joined by worst_rank / rank_mean (gate, perplexity, ifd, length)."""
+    budget_ratio: float = 0.3
+    budget_count: int | None = None
+    """Rows to select; wins over budget_ratio."""
+    source_quotas: dict[str, float] | None = None
+    """Max share of the budget per source (e.g. {web: 0.5})."""
+    tau: float = 0.0
+    eps: float = 1e-8
+    ppl_band: list[float] | None = None
+    """perplexity method: keep rows whose nll quantile lies in [lo, hi]."""
+    diversity: bool | None = None
+    """Cluster then round-robin (default: on for quality_gate and combined methods)."""
+    features: Literal["embedding", "gate"] = "embedding"
+    k: int | None = None
+    """Clusters; None chooses k by silhouette over [k_min, k_max] on a sample."""
+    k_min: int = 2
+    k_max: int = 32
+    fit_sample: int = 50000
+    """Rows sampled (seeded) to fit k-means; all rows are then assigned."""
+    seed: int = 0
+    report: bool = True
+    label_column: str = "noise"
+    """Ground-truth label column in the corpus, used by the report only (if present)."""
+
+    def __post_init__(self):
+        _check(0 < self.budget_ratio <= 1, "budget_ratio", "must be in (0, 1]")
+        _check(self.budget_count is None or self.budget_count >= 1, "budget_count", "must be >= 1")
+        _check(self.k is None or self.k >= 1, "k", "must be >= 1")
+        _check(2 <= self.k_min <= self.k_max, "k_min", "need 2 <= k_min <= k_max")
+        known = {"gate", "perplexity", "ifd", "length"}
+        bad = [s for s in self.signals if s not in known]
+        _check(not bad, "signals", f"unknown {bad}; choose from {sorted(known)}")
+        if self.ppl_band is not None:
+            lo_hi = self.ppl_band
+            ok = len(lo_hi) == 2 and 0 <= lo_hi[0] < lo_hi[1] <= 1
+            _check(ok, "ppl_band", "must be [lo, hi] with 0 <= lo < hi <= 1")
+        for src, share in (self.source_quotas or {}).items():
+            _check(0 < share <= 1, f"source_quotas.{src}", "must be in (0, 1]")
+
+    @property
+    def use_diversity(self) -> bool:
+        """Diversity is on by default for the gate and the combined methods."""
+        if self.diversity is not None:
+            return self.diversity
+        return self.method in ("quality_gate", "worst_rank", "rank_mean")
+
+
+def _parse_scalar(text: str):
+    return yaml.safe_load(text) if text != "" else ""
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, key: str):
+    """Check (and lightly coerce: int -> float) one value against a type annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        _check(
+            value in typing.get_args(tp),
+            key,
+            f"must be one of {typing.get_args(tp)}, got {value!r}",
+        )
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str | int | float) and item is str:
+            value = [value] if isinstance(value, str) else value
+        _check(isinstance(value, list), key, f"expected a list, got {type(value).__name__}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        _check(isinstance(value, dict), key, f"expected a mapping, got {type(value).__name__}")
+        return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), key, f"expected a mapping, got {type(value).__name__}")
+        return build(tp, value, prefix=f"{key}.")
+    if tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        _check(ok, key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is int or tp is bool:
+        ok = isinstance(value, tp) and (tp is bool or not isinstance(value, bool))
+        _check(ok, key, f"expected {tp.__name__}, got {value!r}")
+        return value
+    if tp is str:
+        _check(isinstance(value, str), key, f"expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def build(cls, data: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from a dict, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        if prefix and not str(e).startswith(prefix):
+            raise ConfigError(f"{prefix}{e}") from None
+        raise
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=value`` overrides (values parsed as YAML scalars) to a config dict."""
+    data = dict(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node[p] = dict(node.get(p) or {})
+            node = node[p]
+        node[parts[-1]] = _parse_scalar(raw)
+    return data
+
+
+def load_config(cls, path: str | None = None, overrides: list[str] | None = None):
+    """Read a YAML config (optional) plus overrides into dataclass ``cls``."""
+    data = {}
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    return build(cls, apply_overrides(data, overrides or []))
+
+
+def to_dict(cfg) -> dict:
+    """Plain dict of a config (for resolved-config files and manifests)."""
+    return dataclasses.asdict(cfg)
+
+
+def stage_dir(run_dir: str, stage: str) -> str:
+    """RUN/<stage>, the folder each stage writes its artifacts to."""
+    return os.path.join(run_dir, stage)

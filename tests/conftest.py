@@ -1,0 +1,40 @@
+"""Shared fixtures: a small synthetic corpus, a tiny random Qwen3, one Ray session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> dict[str, str]:
+    """Synthetic labelled corpus: pool (with noise), target, test, pretrain JSONL paths."""
+    from qgate.synthetic import generate_corpus
+
+    out = tmp_path_factory.mktemp("corpus")
+    return generate_corpus(out, seed=0, n_pool=240, n_target=40, n_test=40, n_pretrain=300)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, corpus) -> str:
+    """A tiny random Qwen3 (2 layers, hidden 32) with a BPE tokenizer, saved in HF format."""
+    from qgate.synthetic import build_tiny_model, read_rows, row_texts
+
+    out = tmp_path_factory.mktemp("tiny_model")
+    texts = row_texts(read_rows(corpus["pretrain"]))
+    return build_tiny_model(out, texts, vocab_size=512, hidden_size=32, num_layers=2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One embedded Ray for the whole suite (starting Ray costs seconds)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
