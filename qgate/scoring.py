@@ -1,0 +1,199 @@
+"""Per-sample scoring: the one scoring function, used by the Ray Data job and by Serve.
+
+For each sample it runs one forward pass of the gated model (plus one on the answer alone
+when IFD is asked for) and returns:
+
+- ``nll``: mean next-token nll over the scored tokens;
+- ``gate``: per layer ``s_l = sum_t w_t g_{l,t}`` with ``w_t = ppl_t^alpha / (sum ppl^alpha + eps)``;
+- ``gate_mean``: per layer unweighted mean of g over the scored tokens;
+- ``embedding``: mean-pooled final hidden state, L2-normalised (optionally projected);
+- ``ifd``: ppl(answer | instruction) / ppl(answer alone), or None.
+
+Samples are sorted by length and packed into token-capped micro-batches with right padding;
+position ids count real tokens, so a sample's stats do not depend on its batch-mates.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from qgate import losses
+from qgate.model import forward, gated_mlps
+
+
+def projection_matrix(hidden: int, dim: int | None, seed: int) -> np.ndarray | None:
+    """Fixed seeded Gaussian projection (hidden, dim) for embeddings; None keeps hidden size."""
+    if dim is None or dim == hidden:
+        return None
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((hidden, dim)) / np.sqrt(dim)).astype(np.float32)
+
+
+def token_weights(nll: torch.Tensor, mask: torch.Tensor, alpha: float, eps: float) -> torch.Tensor:
+    """``w_t = ppl_t^alpha / (sum_u ppl_u^alpha + eps)`` over masked tokens, in log space."""
+    a = (alpha * nll).masked_fill(~mask, float("-inf"))  # (B, T)
+    m = a.max(-1, keepdim=True).values.clamp(min=0)  # keep exp(-m) * eps meaningful
+    e = torch.exp(a - m)
+    return e / (e.sum(-1, keepdim=True) + eps * torch.exp(-m))
+
+
+def micro_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped longest-first so that padded tokens per group stay <= batch_tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups, cur = [], []
+    for i in order:
+        width = lengths[cur[0]] if cur else lengths[i]
+        if cur and width * (len(cur) + 1) > batch_tokens:
+            groups.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def _pad(seqs: list, pad_id: int, fill: int, device) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), fill, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(np.asarray(s, dtype=np.int64))
+    return out.to(device)
+
+
+def _final_norm(model):
+    inner = getattr(model, "model", model)
+    norm = getattr(inner, "norm", None)
+    if norm is None:
+        raise ValueError("model has no final norm (model.model.norm) to pool embeddings from")
+    return norm
+
+
+@torch.no_grad()
+def _forward_stats(model, input_ids, labels, pad_id, alpha, eps, want_tokens=False):
+    """One padded forward: per-sample nll, gate stats, pooled hidden state (all fp32)."""
+    device = next(model.parameters()).device
+    ids = _pad(input_ids, pad_id, pad_id, device)
+    lab = _pad(labels, pad_id, -100, device)
+    attn = _pad([[1] * len(s) for s in input_ids], pad_id, 0, device)
+    captured = {}
+    hook = _final_norm(model).register_forward_hook(lambda m, i, o: captured.setdefault("h", o))
+    try:
+        _, gates = forward(model, ids, attn, logits_to_keep=1)
+    finally:
+        hook.remove()
+    hidden = captured["h"]  # (B, T, H): final normed hidden state
+    head = model.get_output_embeddings()
+    nll = torch.zeros(ids.shape, dtype=torch.float32, device=device)
+    for i in range(ids.size(0)):  # per-row logits keep memory at T x V
+        n = len(input_ids[i])
+        logits = head(hidden[i : i + 1, :n]).float()
+        nll[i : i + 1, :n], _ = losses.token_nll(logits, lab[i : i + 1, :n])
+    mask = lab != -100
+    mask[:, 0] = False  # position 0 has no prediction
+    w = token_weights(nll, mask, alpha, eps)  # (B, T)
+    gates = gates.float()  # (B, L, T)
+    s = (gates * w.unsqueeze(1)).sum(-1)  # (B, L)
+    n_scored = mask.sum(-1)
+    g_mean = losses.gate_means(gates, mask)
+    mean_nll = (nll * mask).sum(-1) / n_scored.clamp(min=1)
+    am = attn.unsqueeze(-1).float()
+    pooled = (hidden.float() * am).sum(1) / am.sum(1)  # (B, H)
+    out = {"nll": mean_nll, "gate": s, "gate_mean": g_mean, "pooled": pooled, "n_scored": n_scored}
+    if want_tokens:
+        out["token_nll"], out["token_gates"], out["mask"] = nll, gates, mask
+    return out
+
+
+def score_batch(
+    model,
+    samples: list[dict],
+    *,
+    pad_id: int,
+    alpha: float = 1.0,
+    eps: float = 1e-8,
+    batch_tokens: int = 16384,
+    projection: np.ndarray | None = None,
+    ifd: bool = False,
+    debug_tokens: bool = False,
+) -> list[dict]:
+    """Score tokenized samples with a gated model; returns one stats dict per sample, in order.
+
+    Each sample needs ``input_ids`` and ``labels`` (-100 = not scored), and for IFD also
+    ``answer_input_ids`` / ``answer_labels`` (the answer tokenized alone).
+    """
+    if not gated_mlps(model):
+        raise ValueError("score_batch needs a gated model (load it with load_gated_model)")
+    results: list[dict | None] = [None] * len(samples)
+    lengths = [len(s["input_ids"]) for s in samples]
+    for group in micro_batches(lengths, batch_tokens):
+        st = _forward_stats(
+            model,
+            [samples[i]["input_ids"] for i in group],
+            [samples[i]["labels"] for i in group],
+            pad_id,
+            alpha,
+            eps,
+            debug_tokens,
+        )
+        emb = st["pooled"].cpu().numpy()
+        if projection is not None:
+            emb = emb @ projection
+        emb = emb / np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+        for j, i in enumerate(group):
+            r = {
+                "nll": float(st["nll"][j]),
+                "gate": st["gate"][j].cpu().numpy().astype(np.float32),
+                "gate_mean": st["gate_mean"][j].cpu().numpy().astype(np.float32),
+                "embedding": emb[j].astype(np.float32),
+                "n_loss_tokens": int(st["n_scored"][j]),
+                "ifd": None,
+            }
+            if debug_tokens:
+                n = lengths[i]
+                r["token_nll"] = st["token_nll"][j, :n].cpu().numpy()
+                r["token_gates"] = st["token_gates"][j, :, :n].cpu().numpy()
+            results[i] = r
+    if ifd:
+        lens = [len(s["answer_input_ids"]) for s in samples]
+        for group in micro_batches(lens, batch_tokens):
+            st = _forward_stats(
+                model,
+                [samples[i]["answer_input_ids"] for i in group],
+                [samples[i]["answer_labels"] for i in group],
+                pad_id,
+                alpha,
+                eps,
+            )
+            for j, i in enumerate(group):
+                if int(st["n_scored"][j]) > 0 and results[i]["n_loss_tokens"] > 0:
+                    alone = float(st["nll"][j])
+                    results[i]["ifd"] = float(np.exp(results[i]["nll"] - alone))
+    return results
+
+
+def tokenize_for_scoring(
+    tokenizer, messages: list[dict], max_length: int, loss_on: str, ifd: bool
+) -> dict:
+    """Tokenize a canonical conversation for :func:`score_batch` (plus answer-alone for IFD).
+
+    Raises ``RowError(no_answer_after_truncation)`` when truncation leaves nothing to score.
+    """
+    from qgate.data import NO_ANSWER_AFTER_TRUNCATION, RowError, answer_only, tokenize_messages
+
+    enc = tokenize_messages(tokenizer, messages, max_length, loss_on)
+    if sum(1 for t in enc["labels"][1:] if t != -100) == 0:
+        raise RowError(
+            NO_ANSWER_AFTER_TRUNCATION,
+            f"no scored token left within max_length={max_length} ({enc['n_tokens_full']} tokens)",
+        )
+    out = {
+        "input_ids": enc["input_ids"],
+        "labels": enc["labels"],
+        "truncated": enc["truncated"],
+        "n_tokens": len(enc["input_ids"]),
+    }
+    if ifd:
+        alone = tokenize_messages(tokenizer, answer_only(messages), max_length, "assistant")
+        out["answer_input_ids"], out["answer_labels"] = alone["input_ids"], alone["labels"]
+    return out

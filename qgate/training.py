@@ -1,0 +1,487 @@
+"""The one training loop, run inside Ray Train (gates in warmup, LoRA in finetune).
+
+The driver (:func:`fit`) turns canonical rows into one Ray Dataset per worker rank (the
+assignment of rows to ranks is fixed, so a restarted worker sees the same data), tokenizes
+them with Ray Data, and starts a ``TorchTrainer``. Each worker builds its model through the
+stage's builder, trains only the parameters the builder names, and reports metrics and
+checkpoints with ``ray.train.report``.
+
+Resume is exact: the data order of every epoch is a seeded permutation, so the position in
+the data follows from the step counter, which is restored from the checkpoint with the
+optimizer, scheduler and metric history. A re-launch with the same run name and storage
+path, or a worker replaced after a failure, continues from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from qgate import losses
+from qgate.config import FinetuneConfig, TrainConfig, WarmupConfig, to_dict
+
+ARTIFACT_DIR = "artifact"
+STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+@dataclass
+class Plan:
+    """How many rows each rank holds and how many optimizer steps the run takes."""
+
+    rows_per_rank: list[int]
+    targets_per_rank: list[int]
+    pool_per_batch: int
+    target_per_batch: int
+    micro_per_epoch: int
+    total_steps: int
+
+
+def make_plan(
+    cfg: TrainConfig, n_rows: int, n_target: int = 0, target_fraction: float = 0.0
+) -> Plan:
+    """Split rows over ranks and derive the step count (every rank runs the same count)."""
+    world = cfg.scaling.num_workers
+    if n_rows < world:
+        raise ValueError(f"{n_rows} training rows cannot feed {world} workers")
+    per_rank = [len(range(r, n_rows, world)) for r in range(world)]
+    tgt_rank = [len(range(r, n_target, world)) for r in range(world)]
+    t_batch = max(1, round(cfg.batch_size * target_fraction)) if n_target else 0
+    if n_target and min(tgt_rank) == 0:
+        raise ValueError(f"{n_target} target rows cannot feed {world} workers")
+    p_batch = cfg.batch_size - t_batch
+    if p_batch < 1:
+        raise ValueError("batch_size too small for the target fraction")
+    micro = math.ceil(max(per_rank) / p_batch)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro / cfg.grad_accum))
+    return Plan(per_rank, tgt_rank, p_batch, t_batch, micro, total)
+
+
+def assign_ranks(rows: list[dict], world: int, seed: int) -> list[dict]:
+    """Deterministic shuffle (by seed, over rows sorted by sample_id) and round-robin ranks."""
+    rows = sorted(rows, key=lambda r: r["sample_id"])
+    random.Random(seed).shuffle(rows)
+    return [dict(r, order=i, rank=i % world) for i, r in enumerate(rows)]
+
+
+def _perm(n: int, seed: int, rank: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, rank, epoch]).permutation(n)
+
+
+def micro_batch_indices(
+    plan: Plan, rank: int, seed: int, micro: int
+) -> tuple[list[int], list[int]]:
+    """Row and target indices (into the rank's sorted lists) of micro-batch number ``micro``."""
+    n = plan.rows_per_rank[rank]
+    epoch, pos = divmod(micro, plan.micro_per_epoch)
+    perm = _perm(n, seed, rank, epoch)
+    idx = [int(perm[(pos * plan.pool_per_batch + j) % n]) for j in range(plan.pool_per_batch)]
+    tidx = []
+    if plan.target_per_batch:
+        nt = plan.targets_per_rank[rank]
+        for j in range(micro * plan.target_per_batch, (micro + 1) * plan.target_per_batch):
+            tidx.append(int(_perm(nt, seed + 1, rank, j // nt)[j % nt]))
+    return idx, tidx
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    """Learning-rate multiplier per step: linear warm-up, then constant/linear/cosine."""
+    warm = int(cfg.warmup_ratio * total_steps)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        frac = (step - warm) / max(1, total_steps - warm)
+        if cfg.schedule == "linear":
+            return max(0.0, 1 - frac)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * frac))
+        return 1.0
+
+    return f
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def tokenize_batch(batch: dict, tokenizer_path: str, max_length: int, loss_on: str) -> dict:
+    """Ray Data UDF: canonical rows -> input_ids / labels (object arrays of int lists)."""
+    from qgate.data import tokenize_messages
+
+    tok = _tokenizer(tokenizer_path)
+    ids, labels = [], []
+    for messages in batch["messages"]:
+        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+        enc = tokenize_messages(tok, msgs, max_length, loss_on)
+        ids.append(np.asarray(enc["input_ids"], dtype=np.int64))
+        labels.append(np.asarray(enc["labels"], dtype=np.int64))
+    out = {k: batch[k] for k in ("sample_id", "order", "is_target")}
+    out["input_ids"] = np.array(ids + [None], dtype=object)[:-1]
+    out["labels"] = np.array(labels + [None], dtype=object)[:-1]
+    return out
+
+
+def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of tokenized rows into tensors."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        mask[i, :n] = 1
+    is_target = torch.tensor([bool(r["is_target"]) for r in rows])
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "is_target": is_target}
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def build_warmup(cfg: WarmupConfig, device):
+    """Gated base model; only the gates train. Returns (model, tokenizer, trainable, meta)."""
+    from qgate.model import gate_parameters, load_gated_model
+
+    model, tok, meta = load_gated_model(
+        cfg.base_model,
+        device=device,
+        dtype=torch.float32 if device.type == "cpu" else None,
+        mode=cfg.mode,
+        bias_init=cfg.bias_init,
+        seed=cfg.seed,
+    )
+    meta.extra = {"loss": cfg.loss, "quality_weight": cfg.quality_weight, "balance": cfg.balance}
+    trainable = gate_parameters(model)
+    for p in trainable.values():
+        p.requires_grad_(True)
+    return model, tok, trainable, meta
+
+
+def export_warmup(model, meta, out_dir: str) -> None:
+    """Write gates.safetensors + qgate.json."""
+    from qgate.model import save_gates
+
+    save_gates(model, out_dir, meta)
+
+
+def build_finetune(cfg: FinetuneConfig, device):
+    """Target model with PEFT LoRA adapters; only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    from qgate.model import load_base
+
+    base, tok = load_base(cfg.target_model, device=device)
+    modules = cfg.lora.target_modules
+    lcfg = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules="all-linear" if modules == ["all-linear"] else modules,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(base, lcfg)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return model, tok, trainable, None
+
+
+def export_finetune(model, meta, out_dir: str) -> None:
+    """Write the PEFT adapter directory."""
+    model.save_pretrained(out_dir)
+
+
+STAGES = {
+    "warmup": (WarmupConfig, build_warmup, export_warmup),
+    "finetune": (FinetuneConfig, build_finetune, export_finetune),
+}
+
+
+# ----------------------------------------------------------------------------- worker loop
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def _save_checkpoint(path, model, meta, trainable, optimizer, scheduler, step, history, export):
+    os.makedirs(path, exist_ok=True)
+    state = {
+        "step": step,
+        "trainable": {k: v.detach().cpu() for k, v in trainable.items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+    }
+    torch.save(state, os.path.join(path, STATE_FILE))
+    with open(os.path.join(path, METRICS_FILE), "w") as f:
+        f.writelines(json.dumps(m) + "\n" for m in history)
+    export(_unwrap(model), meta, os.path.join(path, ARTIFACT_DIR))
+
+
+def train_loop(loop_cfg: dict) -> None:
+    """Ray Train worker entry: build, restore, train, report. Runs on every rank."""
+    import ray.train
+    import ray.train.torch
+
+    stage = loop_cfg["stage"]
+    cfg_cls, builder, export = STAGES[stage]
+    from qgate.config import build
+
+    cfg = build(cfg_cls, loop_cfg["cfg"])
+    plan = Plan(**loop_cfg["plan"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(loop_cfg["threads"])
+    torch.manual_seed(cfg.seed + rank)
+
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # rank logs stay readable
+    shard = ray.train.get_dataset_shard(f"rank_{rank}")
+    rows = sorted(shard.iter_rows(), key=lambda r: r["order"])
+    pool = [r for r in rows if not r["is_target"]]
+    targets = [r for r in rows if r["is_target"]]
+
+    model, tok, trainable, meta = builder(cfg, device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    params = list(trainable.values())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, plan.total_steps))
+
+    step, history = 0, []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+            with open(os.path.join(d, METRICS_FILE)) as f:
+                history = [json.loads(line) for line in f if line.strip()]
+        with torch.no_grad():
+            for k, p in trainable.items():
+                p.copy_(state["trainable"][k])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        if rank == 0:
+            print(
+                f"[{stage}] resumed from checkpoint at step {step}/{plan.total_steps}", flush=True
+            )
+
+    model = ray.train.torch.prepare_model(model) if world > 1 else model
+    use_amp = device.type == "cuda"
+    quality = stage == "warmup"
+    fault = loop_cfg.get("fault") or {}
+
+    window = {"lm": 0.0, "q": 0.0, "n": 0, "tokens": 0, "gate": None}
+    t0, start_step = time.time(), step
+    while step < plan.total_steps:
+        optimizer.zero_grad(set_to_none=True)
+        for a in range(cfg.grad_accum):
+            idx, tidx = micro_batch_indices(plan, rank, cfg.seed, step * cfg.grad_accum + a)
+            batch = collate([pool[i] for i in idx] + [targets[i] for i in tidx], tok.pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                if quality:
+                    from qgate.model import forward
+
+                    out, gates = forward(model, batch["input_ids"], batch["attention_mask"])
+                else:
+                    out, gates = (
+                        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]),
+                        None,
+                    )
+            lm, _ = losses.lm_loss(out.logits, batch["labels"])
+            loss = lm
+            if quality:
+                mask = batch["labels"] != -100
+                ql = losses.quality_loss(gates, mask, cfg.loss, batch["is_target"], cfg.balance)
+                loss = lm + cfg.quality_weight * ql
+                window["q"] += ql.item()
+                g_layer = losses.gate_means(gates.detach(), mask).mean(0)
+                window["gate"] = g_layer if window["gate"] is None else window["gate"] + g_layer
+            (loss / cfg.grad_accum).backward()
+            window["lm"] += lm.item()
+            window["n"] += 1
+            window["tokens"] += int(batch["attention_mask"].sum())
+        optimizer.step()
+        scheduler.step()
+        step += 1
+
+        if fault.get("kill_at_step") == step and rank == world - 1:
+            marker = fault["marker"]
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                print(f"[{stage}] fault injection: rank {rank} exits at step {step}", flush=True)
+                os._exit(1)
+
+        last = step == plan.total_steps
+        if step % cfg.report_every and step % cfg.checkpoint_every and not last:
+            continue
+        tokens = torch.tensor([window["tokens"]], dtype=torch.float64)
+        if world > 1:
+            torch.distributed.all_reduce(tokens)
+        elapsed = max(time.time() - t0, 1e-9)
+        n = max(window["n"], 1)
+        metrics = {
+            "step": step,
+            "epoch": round(step * cfg.grad_accum / plan.micro_per_epoch, 4),
+            "lm_loss": window["lm"] / n,
+            "lr": scheduler.get_last_lr()[0],
+            "tokens_per_s": float(tokens.item()) / elapsed,
+        }
+        if quality:
+            metrics["quality_loss"] = window["q"] / n
+            metrics["gate_mean"] = [round(float(g) / n, 6) for g in window["gate"]]
+        history.append(metrics)
+        if rank == 0:
+            done = step - start_step
+            eta = (plan.total_steps - step) * (time.time() - t0) / max(done, 1)
+            extra = f" q {metrics['quality_loss']:.4f}" if quality else ""
+            print(
+                f"[{stage}] step {step}/{plan.total_steps} lm {metrics['lm_loss']:.4f}{extra} "
+                f"{metrics['tokens_per_s']:.0f} tok/s eta {eta:.0f}s",
+                flush=True,
+            )
+        window = {"lm": 0.0, "q": 0.0, "n": 0, "tokens": 0, "gate": None}
+        t0, start_step = time.time(), step
+        report = {k: v for k, v in metrics.items() if k != "gate_mean"}
+        if step % cfg.checkpoint_every == 0 or last:
+            with tempfile.TemporaryDirectory() as d:
+                ck = None
+                if rank == 0:
+                    _save_checkpoint(
+                        d, model, meta, trainable, optimizer, scheduler, step, history, export
+                    )
+                    ck = ray.train.Checkpoint.from_directory(d)
+                ray.train.report(report, checkpoint=ck)
+        else:
+            ray.train.report(report)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def fit(
+    stage: str,
+    cfg: TrainConfig,
+    rows: list[dict],
+    targets: list[dict] | None = None,
+    tokenizer_path: str | None = None,
+) -> dict:
+    """Train on Ray Train and write RUN/<stage>/ (artifact files, metrics.jsonl, config).
+
+    ``rows`` (and optional ``targets``) are canonical rows. Returns a summary dict.
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    targets = targets or []
+    world = cfg.scaling.num_workers
+    frac = getattr(cfg, "target_fraction", 0.0) if targets else 0.0
+    plan = make_plan(cfg, len(rows), len(targets), frac)
+    pool = assign_ranks([dict(r, is_target=False) for r in rows], world, cfg.seed)
+    tgt = assign_ranks([dict(r, is_target=True) for r in targets], world, cfg.seed + 1)
+
+    out_dir = os.path.join(cfg.run_dir, stage)
+    os.makedirs(out_dir, exist_ok=True)
+    storage = os.path.abspath(cfg.storage_path or os.path.join(cfg.run_dir, "ray_train"))
+    name = cfg.name or f"{stage}-{os.path.basename(os.path.abspath(cfg.run_dir))}"
+
+    cols = ("sample_id", "messages", "order", "is_target")
+    datasets = {}
+    for r in range(world):
+        mine = [{k: row[k] for k in cols} for row in pool + tgt if row["rank"] == r]
+        ds = ray.data.from_items(mine).map_batches(
+            tokenize_batch,
+            fn_kwargs={
+                "tokenizer_path": tokenizer_path,
+                "max_length": cfg.max_length,
+                "loss_on": cfg.loss_on,
+            },
+            batch_size=64,
+            num_cpus=0.25,
+        )
+        datasets[f"rank_{r}"] = ds
+
+    res = dict(cfg.scaling.resources_per_worker)
+    threads = cfg.device_threads or max(1, int(res.get("CPU", 1)))
+    fault = None
+    if os.environ.get("QGATE_FAULT_KILL_AT_STEP"):  # test-only: kill one worker once
+        fault = {
+            "kill_at_step": int(os.environ["QGATE_FAULT_KILL_AT_STEP"]),
+            "marker": os.environ["QGATE_FAULT_MARKER"],
+        }
+    loop_cfg = {
+        "stage": stage,
+        "cfg": to_dict(cfg),
+        "plan": plan.__dict__,
+        "threads": threads,
+        "fault": fault,
+    }
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_cfg,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=world, use_gpu=cfg.scaling.use_gpu, resources_per_worker=res
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+    )
+    t0 = time.time()
+    result = trainer.fit()
+    wall = time.time() - t0
+    if result.checkpoint is None:
+        raise RuntimeError(f"{stage}: training finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        for name_ in os.listdir(os.path.join(d, ARTIFACT_DIR)):
+            src = os.path.join(d, ARTIFACT_DIR, name_)
+            dst = os.path.join(out_dir, name_)
+            if os.path.isdir(src):
+                shutil.copytree(src, dst, dirs_exist_ok=True)
+            else:
+                shutil.copy2(src, dst)
+        shutil.copy2(os.path.join(d, METRICS_FILE), os.path.join(out_dir, METRICS_FILE))
+    with open(os.path.join(out_dir, METRICS_FILE)) as f:
+        history = [json.loads(line) for line in f if line.strip()]
+    return {
+        "stage": stage,
+        "out_dir": out_dir,
+        "steps": plan.total_steps,
+        "rows": len(rows),
+        "targets": len(targets),
+        "wall_s": wall,
+        "last": history[-1] if history else {},
+        "history": history,
+    }
