@@ -136,6 +136,16 @@ def gate_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return params
 
 
+def base_digest(model: nn.Module) -> str:
+    """sha256 of every non-gate parameter: proves the base stayed frozen through training."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        if ".qgate." not in name:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def collect_gates(model: nn.Module) -> torch.Tensor:
     """Gate values of the latest forward, stacked (B, L, T) in fp32."""
     gates = [m.last_gate for m in gated_mlps(model)]

@@ -182,35 +182,157 @@ def build_warmup(cfg: WarmupConfig, device):
 
 
 def export_warmup(model, meta, out_dir: str) -> None:
-    """Write gates.safetensors + qgate.json."""
-    from qgate.model import save_gates
+    """Write gates.safetensors + qgate.json (with a digest of the frozen base weights)."""
+    from qgate.model import base_digest, save_gates
 
+    meta.extra = dict(meta.extra or {}, base_digest=base_digest(model))
     save_gates(model, out_dir, meta)
+
+
+ADAPTER_DIR = "adapter"
+MERGED_DIR = "merged"
+
+
+def check_target_model(path: str) -> str:
+    """Fail fast (no weights loaded) unless ``path`` is a local HF causal LM directory.
+
+    Returns the model type. Any ``*ForCausalLM`` architecture is accepted: the finetune
+    target need not be a gateable decoder.
+    """
+    from transformers import AutoConfig
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"target model directory not found: {path}")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a HF model directory: {e}") from None
+    if not any(a.endswith("ForCausalLM") for a in (config.architectures or [])):
+        raise ValueError(
+            f"{path} holds a {config.model_type!r} model ({config.architectures}), "
+            "not a causal LM; finetune needs an AutoModelForCausalLM checkpoint"
+        )
+    return config.model_type
+
+
+def load_finetune_rows(cfg: FinetuneConfig, tokenizer) -> list[dict]:
+    """Read and validate the training rows; raise ValueError naming every bad row.
+
+    Rows must parse as canonical chat rows (qgate.data reject reasons) and keep at least one
+    loss token after truncation to ``max_length``. A selection with any bad row is refused
+    as a whole (it came out of our own select stage, so a bad row means a broken pipeline,
+    not noise to skip); an empty selection is an error, not a no-op.
+    """
+    from qgate.data import (
+        NO_ANSWER_AFTER_TRUNCATION,
+        Reject,
+        expand_paths,
+        read_corpus,
+        tokenize_messages,
+    )
+
+    paths = expand_paths(cfg.data_paths)
+    rows, rejects = read_corpus(paths)
+    if not rejects:
+        for row in rows:
+            enc = tokenize_messages(tokenizer, row["messages"], cfg.max_length, cfg.loss_on)
+            if all(t == -100 for t in enc["labels"][1:]):  # position 0 is never scored
+                detail = (
+                    f"no {cfg.loss_on} token left within max_length={cfg.max_length} "
+                    f"({enc['n_tokens_full']} tokens); raise max_length or drop the row"
+                )
+                rejects.append(
+                    Reject(row["sample_id"], row["source"], NO_ANSWER_AFTER_TRUNCATION, detail, "")
+                )
+    if rejects:
+        shown = "\n".join(
+            f"  - {r.sample_id or '?'} ({r.source}): {r.reason}: {r.detail}" for r in rejects[:20]
+        )
+        more = f"\n  ... and {len(rejects) - 20} more" if len(rejects) > 20 else ""
+        raise ValueError(
+            f"{len(rejects)} bad row(s) in {', '.join(paths)}; fix or remove them:\n{shown}{more}"
+        )
+    if not rows:
+        raise ValueError(
+            f"no training rows in {', '.join(paths)}: the selection is empty "
+            "(check the select stage's budget and its input)"
+        )
+    return rows
+
+
+def lora_config(cfg: FinetuneConfig):
+    """The PEFT LoraConfig of a finetune config."""
+    from peft import LoraConfig
+
+    modules = cfg.lora.target_modules
+    return LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules="all-linear" if modules == ["all-linear"] else list(modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+def lora_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """The LoRA parameters of a PEFT model: the only ones finetune trains and saves."""
+    params = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    if not params:
+        raise ValueError("no LoRA parameters: lora.target_modules matched no module")
+    return params
 
 
 def build_finetune(cfg: FinetuneConfig, device):
     """Target model with PEFT LoRA adapters; only the adapters train."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     from qgate.model import load_base
 
-    base, tok = load_base(cfg.target_model, device=device)
-    modules = cfg.lora.target_modules
-    lcfg = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules="all-linear" if modules == ["all-linear"] else modules,
-        task_type="CAUSAL_LM",
+    base, tok = load_base(
+        cfg.target_model, device=device, dtype=torch.float32 if device.type == "cpu" else None
     )
-    model = get_peft_model(base, lcfg)
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    model = get_peft_model(base, lora_config(cfg))  # freezes the base
+    trainable = lora_parameters(model)
+    stray = [n for n, p in model.named_parameters() if p.requires_grad and n not in trainable]
+    if stray:
+        raise ValueError(f"non-LoRA parameters would train: {stray[:5]}")
     return model, tok, trainable, None
 
 
 def export_finetune(model, meta, out_dir: str) -> None:
-    """Write the PEFT adapter directory."""
-    model.save_pretrained(out_dir)
+    """Write the PEFT adapter directory to OUT/adapter (fit copies it to RUN/finetune/adapter)."""
+    model.save_pretrained(os.path.join(out_dir, ADAPTER_DIR))
+
+
+def load_adapter(model_dir: str, adapter_dir: str, device="cpu", dtype: torch.dtype | None = None):
+    """Base model + trained adapter as a PeftModel in eval mode; returns (model, tokenizer)."""
+    from peft import PeftModel
+
+    from qgate.model import load_base
+
+    base, tok = load_base(model_dir, device=device, dtype=dtype)
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    model.eval()
+    return model, tok
+
+
+def merge_adapter(model_dir: str, adapter_dir: str, out_dir: str) -> str:
+    """Write base + adapter merged into plain weights (loads anywhere without PEFT).
+
+    Merges on CPU in the checkpoint's own dtype, and saves the tokenizer beside it.
+    """
+    from transformers import AutoConfig
+
+    dtype = getattr(AutoConfig.from_pretrained(model_dir), "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model, tok = load_adapter(model_dir, adapter_dir, device="cpu", dtype=dtype)
+    merged = model.merge_and_unload()
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)  # never mix a stale merge with this one
+    merged.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
 
 
 STAGES = {
@@ -274,7 +396,7 @@ def train_loop(loop_cfg: dict) -> None:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, plan.total_steps))
 
-    step, history = 0, []
+    step, history, resumed_from = 0, [], 0
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
@@ -286,7 +408,7 @@ def train_loop(loop_cfg: dict) -> None:
                 p.copy_(state["trainable"][k])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
+        step = resumed_from = state["step"]
         if rank == 0:
             print(
                 f"[{stage}] resumed from checkpoint at step {step}/{plan.total_steps}", flush=True
@@ -353,6 +475,7 @@ def train_loop(loop_cfg: dict) -> None:
             "lm_loss": window["lm"] / n,
             "lr": scheduler.get_last_lr()[0],
             "tokens_per_s": float(tokens.item()) / elapsed,
+            "resumed_from": resumed_from,
         }
         if quality:
             metrics["quality_loss"] = window["q"] / n
@@ -410,7 +533,8 @@ def fit(
 
     out_dir = os.path.join(cfg.run_dir, stage)
     os.makedirs(out_dir, exist_ok=True)
-    storage = os.path.abspath(cfg.storage_path or os.path.join(cfg.run_dir, "ray_train"))
+    storage = cfg.storage_path or os.path.join(cfg.run_dir, "ray_train")
+    storage = storage if "://" in storage else os.path.abspath(storage)  # s3://, gs:// stay URIs
     name = cfg.name or f"{stage}-{os.path.basename(os.path.abspath(cfg.run_dir))}"
 
     cols = ("sample_id", "messages", "order", "is_target")
