@@ -17,6 +17,12 @@ from qgate.data import read_corpus, tokenize_messages
 SMALL = ["batch_size=4", "max_length=96", "scaling.resources_per_worker={CPU: 0.5}", "lr=0.01"]
 
 
+def open_text(*parts) -> str:
+    """Read a text file's contents."""
+    with open(os.path.join(*parts)) as f:
+        return f.read()
+
+
 def _cfg(tiny_model, corpus, run_dir, *extra):
     args = [f"base_model={tiny_model}", f"corpus={corpus['pool']}", f"run_dir={run_dir}"]
     return load_config(WarmupConfig, None, args + SMALL + list(extra))
@@ -51,13 +57,13 @@ def test_two_worker_run_trains_only_gates(probe_run, tiny_model):
         "metrics.jsonl",
         "qgate.json",
     ]
-    meta = json.load(open(os.path.join(out, "qgate.json")))
+    meta = json.loads(open_text(out, "qgate.json"))
     fresh, _, _ = M.load_gated_model(tiny_model, mode="probe", seed=cfg.seed)
     assert meta["extra"]["base_digest"] == M.base_digest(fresh)  # base bit-identical
     trained, _, _ = M.load_gated_model(tiny_model, gates=out)
     a, b = M.gate_parameters(fresh), M.gate_parameters(trained)
     assert all(not torch.equal(a[k], b[k]) for k in a)  # every gate tensor changed
-    hist = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    hist = [json.loads(line) for line in open_text(out, "metrics.jsonl").splitlines()]
     assert [h["step"] for h in hist] == list(range(2, 17, 2))
     assert hist[-1]["quality_loss"] < hist[0]["quality_loss"] - 0.02
     assert len(hist[-1]["gate_mean"]) == 2 and hist[-1]["tokens_per_s"] > 0
