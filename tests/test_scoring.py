@@ -1,0 +1,236 @@
+"""Stage 2: score_batch math and padding invariance; the Ray Data job's exactly-once output."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from qgate import data as D
+from qgate.batch_scoring import MANIFEST_FILE, ScoringError, run_scoring
+from qgate.config import ScoreConfig, load_config
+from qgate.model import gate_parameters, load_gated_model
+from qgate.scoring import score_batch, tokenize_for_scoring
+
+ALPHA, EPS = 1.0, 1e-8
+
+
+@pytest.fixture(scope="module")
+def gated(tiny_model):
+    """Tiny gated model with non-trivial gates (random weights, varied biases)."""
+    model, tok, _ = load_gated_model(tiny_model, mode="probe", seed=7)
+    with torch.no_grad():
+        for k, p in gate_parameters(model).items():
+            p.normal_(0, 0.5) if k.endswith("weight") else p.fill_(0.3)
+    return model, tok
+
+
+def _samples(tok, corpus, n=8, ifd=False):
+    rows = D.read_corpus(corpus["pool"])[0][:n]
+    return [tokenize_for_scoring(tok, r["messages"], 128, "assistant", ifd) for r in rows]
+
+
+def test_padding_invariance(gated, corpus):
+    """Guards against a sample's stats depending on its batch-mates (padding, positions)."""
+    model, tok = gated
+    samples = _samples(tok, corpus, 8, ifd=True)
+    assert len({len(s["input_ids"]) for s in samples}) > 2  # really mixed lengths
+    together = score_batch(model, samples, pad_id=tok.pad_token_id, ifd=True, batch_tokens=4096)
+    for s, t in zip(samples, together):
+        alone = score_batch(model, [s], pad_id=tok.pad_token_id, ifd=True)[0]
+        assert abs(alone["nll"] - t["nll"]) < 1e-5 and abs(alone["ifd"] - t["ifd"]) < 1e-5
+        for k in ("gate", "gate_mean", "embedding"):
+            np.testing.assert_allclose(alone[k], t[k], atol=1e-5)
+
+
+def test_gate_scores_match_independent_computation(gated, tiny_model, corpus):
+    """Guards against wrong token weights, an off-by-one between gates and token ppl, or masks.
+
+    The reference uses the unmodified HF model's logits and applies the saved gate weights to
+    hooked post-attention-layernorm outputs: no qgate scoring code is involved.
+    """
+    model, tok = gated
+    samples = _samples(tok, corpus, 4)
+    got = score_batch(model, samples, pad_id=tok.pad_token_id, alpha=ALPHA, eps=EPS)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    params = {k: v.detach() for k, v in gate_parameters(model).items()}
+    for s, g in zip(samples, got):
+        normed = []
+        hooks = [
+            layer.post_attention_layernorm.register_forward_hook(
+                lambda m, i, o, acc=normed: acc.append(o)
+            )
+            for layer in base.model.layers
+        ]
+        ids = torch.tensor([s["input_ids"]])
+        with torch.no_grad():
+            logits = base(input_ids=ids).logits[0]
+        for h in hooks:
+            h.remove()
+        labels = np.array(s["labels"])
+        logp = torch.log_softmax(logits.double(), -1).numpy()
+        scored = [t for t in range(1, len(labels)) if labels[t] != -100]
+        nll = np.array([-logp[t - 1, labels[t]] for t in scored])
+        ppl = np.exp(nll) ** ALPHA
+        w = ppl / (ppl.sum() + EPS)
+        for layer, x in enumerate(normed):
+            z = (
+                x[0].double() @ params[f"gate.{layer}.weight"][0].double()
+                + params[f"gate.{layer}.bias"].double()
+            )
+            gate = torch.sigmoid(z).numpy()
+            assert abs(float((w * gate[scored]).sum()) - g["gate"][layer]) < 1e-5
+            assert abs(float(gate[scored].mean()) - g["gate_mean"][layer]) < 1e-5
+        assert abs(nll.mean() - g["nll"]) < 1e-4
+        assert g["n_loss_tokens"] == len(scored)
+
+
+def _score_cfg(tiny_model, corpus_paths, out, *extra):
+    args = [
+        f"base_model={tiny_model}",
+        f"corpus={json.dumps(corpus_paths)}",
+        f"output={out}",
+        f"run_dir={out}",
+        "max_length=128",
+        "batch_tokens=2048",
+        "batch_rows=32",
+        "rows_per_shard=40",
+        "actors.num_cpus=0.5",
+    ]
+    return load_config(ScoreConfig, None, args + list(extra))
+
+
+def _all_ids(out):
+    """Scored ids (in file order) and {sample_id: [reasons]} of rejects in an output dir."""
+    scored = [
+        sid
+        for p in sorted(os.listdir(out))
+        if p.startswith("part-")
+        for sid in pq.read_table(os.path.join(out, p)).column("sample_id").to_pylist()
+    ]
+    rej_dir = os.path.join(out, "rejects")
+    rejects = {}
+    for p in sorted(os.listdir(rej_dir)):
+        t = pq.read_table(os.path.join(rej_dir, p)).to_pylist()
+        for r in t:
+            rejects.setdefault(r["sample_id"], []).append(r["reason"])
+    return scored, rejects
+
+
+def _bad_corpus(tmp_path, corpus):
+    rows = D.read_corpus(corpus["pool"])[0][:60]
+    good = [{"id": r["sample_id"], "messages": r["messages"]} for r in rows]
+    lines = [json.dumps(r).encode() for r in good]
+    bad = {
+        "bad#row60": b'{"messages": [',
+        "bad#row61": b'{"instruction": "x", "output": "\xff"}',
+        "shape": json.dumps({"id": "shape", "text": "x"}).encode(),
+        "noans": json.dumps(
+            {"id": "noans", "messages": [{"role": "user", "content": "q"}]}
+        ).encode(),
+        "nonstr": json.dumps(
+            {
+                "id": "nonstr",
+                "messages": [{"role": "user", "content": 1}, {"role": "assistant", "content": "a"}],
+            }
+        ).encode(),
+        "role": json.dumps(
+            {
+                "id": "role",
+                "messages": [
+                    {"role": "bot", "content": "q"},
+                    {"role": "assistant", "content": "a"},
+                ],
+            }
+        ).encode(),
+        "long": json.dumps(
+            {
+                "id": "long",
+                "messages": [
+                    {"role": "user", "content": "word " * 400},
+                    {"role": "assistant", "content": "a"},
+                ],
+            }
+        ).encode(),
+    }
+    lines += list(bad.values()) + [lines[3]]  # plus a duplicate of row 3
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    expected = {
+        "bad#row60": D.MALFORMED_JSON,
+        "bad#row61": D.INVALID_UTF8,
+        "shape": D.UNKNOWN_SHAPE,
+        "noans": D.MISSING_ASSISTANT,
+        "nonstr": D.NON_STRING_CONTENT,
+        "role": D.UNKNOWN_ROLE,
+        "long": D.NO_ANSWER_AFTER_TRUNCATION,
+        good[3]["id"]: D.DUPLICATE_ID,
+    }
+    return str(path), [r["id"] for r in good], expected
+
+
+def test_every_row_once_with_reasons(tiny_model, corpus, ray_session, tmp_path):
+    """Guards against bad rows being dropped, double-counted or given the wrong reason."""
+    path, good_ids, expected = _bad_corpus(tmp_path, corpus)
+    m = run_scoring(_score_cfg(tiny_model, [path], str(tmp_path / "scores")))
+    scored, rejects = _all_ids(str(tmp_path / "scores"))
+    assert sorted(scored) == sorted(good_ids) and len(scored) == len(set(scored))
+    assert {k: v for k, v in rejects.items()} == {k: [v] for k, v in expected.items()}
+    assert m["rows_in"] == 68 == m["scored"] + m["rejected"]
+    assert m["rejects_by_reason"][D.DUPLICATE_ID] == 1
+    table = pq.read_table(os.path.join(tmp_path / "scores", "part-00000-000000.parquet"))
+    assert table.schema.field("gate").type == pa.list_(pa.float32(), 2)
+    assert table.column("ifd").null_count == 0
+
+
+def test_killed_actor_job_completes(tiny_model, corpus, ray_session, tmp_path, monkeypatch):
+    """Guards against an actor crash losing or duplicating rows."""
+    monkeypatch.setenv("QGATE_FAULT_SCORER_EXIT_AFTER", "2")
+    monkeypatch.setenv("QGATE_FAULT_MARKER", str(tmp_path / "died"))
+    m = run_scoring(_score_cfg(tiny_model, [corpus["pool"]], str(tmp_path / "s")))
+    assert (tmp_path / "died").exists()
+    scored, rejects = _all_ids(str(tmp_path / "s"))
+    ids = [r["sample_id"] for r in D.read_corpus(corpus["pool"])[0]]
+    assert sorted(scored) == sorted(ids) and not rejects and m["scored"] == len(ids)
+
+
+def test_interrupted_driver_resumes_without_duplicates(
+    tiny_model, corpus, ray_session, tmp_path, monkeypatch
+):
+    """Guards against a re-launch appending, re-scoring done shards, or losing rows."""
+    cfg = _score_cfg(tiny_model, [corpus["pool"]], str(tmp_path / "s"))
+    monkeypatch.setenv("QGATE_FAULT_STOP_AFTER_SHARDS", "2")
+    with pytest.raises(ScoringError, match="fault injection"):
+        run_scoring(cfg)
+    assert not os.path.exists(tmp_path / "s" / MANIFEST_FILE)
+    done = sorted(os.listdir(tmp_path / "s" / "_shards"))
+    mtimes = {d: os.path.getmtime(tmp_path / "s" / "_shards" / d) for d in done}
+    monkeypatch.delenv("QGATE_FAULT_STOP_AFTER_SHARDS")
+    m = run_scoring(cfg)
+    assert all(os.path.getmtime(tmp_path / "s" / "_shards" / d) == t for d, t in mtimes.items())
+    scored, _ = _all_ids(str(tmp_path / "s"))
+    ids = [r["sample_id"] for r in D.read_corpus(corpus["pool"])[0]]
+    assert sorted(scored) == sorted(ids) and m["scored"] == len(ids) == m["rows_in"]
+    with pytest.raises(ScoringError, match="different corpus"):
+        run_scoring(_score_cfg(tiny_model, [corpus["pool"]], str(tmp_path / "s"), "alpha=2.0"))
+
+
+def test_parquet_input_equals_jsonl(tiny_model, corpus, ray_session, tmp_path):
+    """Guards against format-dependent scores: the same rows as parquet score identically."""
+    rows = D.read_corpus(corpus["pool"])[0][:50]
+    D.write_jsonl(str(tmp_path / "c.jsonl"), rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet")
+    a = run_scoring(_score_cfg(tiny_model, [str(tmp_path / "c.jsonl")], str(tmp_path / "a")))
+    b = run_scoring(_score_cfg(tiny_model, [str(tmp_path / "c.parquet")], str(tmp_path / "b")))
+    ta = pq.read_table(tmp_path / "a" / "part-00000-000000.parquet").to_pydict()
+    tb = pq.read_table(tmp_path / "b" / "part-00000-000000.parquet").to_pydict()
+    assert a["scored"] == b["scored"] == 50
+    assert ta["sample_id"] == tb["sample_id"] and ta["source"] == tb["source"]
+    np.testing.assert_allclose(np.array(ta["gate"]), np.array(tb["gate"]), atol=1e-6)
+    np.testing.assert_allclose(np.array(ta["nll"]), np.array(tb["nll"]), atol=1e-6)
