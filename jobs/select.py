@@ -1,0 +1,59 @@
+"""Selection stage: RUN/scores -> RUN/selection (selected.jsonl, selection.parquet,
+reference.json, report.html).
+
+python -m jobs.select --config jobs/configs/select.yaml [key=value ...]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from jobs.common import parse, write_config
+from qgate.config import SelectConfig, stage_dir
+from qgate.selection import run_selection
+
+
+def print_summary(s: dict) -> None:
+    """A few lines: counts, method, k, cutoffs, label metrics, warnings, output path."""
+    print(
+        f"selection: {s['selected']}/{s['rows']} rows"
+        f" ({s['candidates']} candidates, budget {s['budget']})"
+    )
+    div = f"k={s['k']}" if s["diversity"] else "no diversity"
+    over = f" over {s['signals']}" if s["signals"] else ""
+    print(f"method: {s['method']}{over}; {div}")
+    cuts = f"global cutoff {s['cutoff_global']:.6g}"
+    if s["cutoff_per_cluster_range"]:
+        lo, hi = s["cutoff_per_cluster_range"]
+        cuts += f"; per-cluster cutoffs {lo:.6g} .. {hi:.6g}"
+    print(cuts)
+    if s["label_metrics"]:
+        m = s["label_metrics"]
+        keys = ("auroc", "auroc_by_type", "noise_share_selected")
+        print("labels: " + json.dumps({k: m[k] for k in keys}))
+    for w in s["warnings"]:
+        print(f"warning: {w}")
+    report = f" (report: {s['report']})" if s["report"] else ""
+    print(f"output: {s['output']}{report}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    cfg = parse(SelectConfig, argv, __doc__)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        s = run_selection(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"select: {e}", file=sys.stderr)
+        return 2
+    out_dir = cfg.output or stage_dir(cfg.run_dir, "selection")
+    if "://" not in out_dir:
+        write_config(cfg, out_dir)
+    print_summary(s)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
