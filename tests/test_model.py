@@ -129,3 +129,29 @@ def test_padding_does_not_change_outputs(tiny_model):
         alone, g1 = M.forward(gated, ids[1:, :6], mask[1:, :6])
     torch.testing.assert_close(out.logits[1, :6], alone.logits[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gates[1, :, :6], g1[0], atol=1e-6, rtol=1e-6)
+
+
+def test_gradient_checkpointing_keeps_gate_gradients(tiny_model):
+    """Guards against checkpointed layers dropping or changing the gate's gradient."""
+    from qgate import losses
+
+    model, _, _ = M.load_gated_model(tiny_model, mode="mix")
+    params = M.gate_parameters(model)
+    for p in params.values():
+        p.requires_grad_(True)
+    ids, mask = _batch(2, 16)
+
+    def grads():
+        for p in params.values():
+            p.grad = None
+        model.train()
+        out, gates = M.forward(model, ids, mask)
+        loss = losses.lm_loss(out.logits, ids)[0] + losses.quality_loss(gates, mask.bool())
+        loss.backward()
+        return {k: p.grad.clone() for k, p in params.items()}
+
+    plain = grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ckpt = grads()
+    assert all(plain[k].abs().sum() > 0 for k in plain)
+    assert all(torch.allclose(plain[k], ckpt[k], atol=1e-6) for k in plain)
