@@ -7,6 +7,7 @@ wrong types and out-of-range values fail with the key's name before any work sta
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import types
@@ -129,39 +130,61 @@ class WarmupConfig(TrainConfig):
 
 @dataclass
 class Lora:
-    """PEFT LoRA settings."""
+    """PEFT LoRA settings (the adapter's shape; the optimizer settings live in TrainConfig)."""
 
     r: int = 16
+    """Rank of the update matrices."""
     alpha: float = 32.0
+    """Scaling numerator: the update is scaled by alpha / r."""
     dropout: float = 0.05
+    """Dropout on the LoRA input (training only)."""
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
-    """Module names, or ["all-linear"]."""
+    """Module names to adapt (default: the attention projections), or ["all-linear"]."""
 
     def __post_init__(self):
         _check(self.r >= 1, "lora.r", "must be >= 1")
+        _check(self.alpha > 0, "lora.alpha", "must be > 0")
         _check(0 <= self.dropout < 1, "lora.dropout", "must be in [0, 1)")
         _check(bool(self.target_modules), "lora.target_modules", "must not be empty")
+        if "all-linear" in self.target_modules:
+            _check(
+                self.target_modules == ["all-linear"],
+                "lora.target_modules",
+                "'all-linear' cannot be combined with module names",
+            )
 
 
 @dataclass
 class FinetuneConfig(TrainConfig):
-    """Stage 3: LoRA-finetune a target model on the selection."""
+    """Stage 3: LoRA-finetune a target model on the selection (same loop as warmup)."""
 
+    lr: float = 2e-4
+    """LoRA learning rate (the shared default of 3e-3 is meant for the gates)."""
     target_model: str = ""
     """HF causal LM directory to finetune (need not be the gated base)."""
     data: list[str] = field(default_factory=list)
-    """Training rows (default RUN/selection/selected.jsonl)."""
+    """Training rows, files or globs (default RUN/selection/selected.jsonl)."""
     lora: Lora = field(default_factory=Lora)
     merge: bool = False
-    """Also write a merged full model to RUN/finetune/merged."""
+    """Also write a merged full model (base + adapter) to OUTPUT/merged."""
     output: str | None = None
-    """Default RUN/finetune."""
+    """Where adapter/, metrics.jsonl, config.yaml (and merged/) go; default RUN/finetune."""
 
     def __post_init__(self):
         super().__post_init__()
         _check(bool(self.target_model), "target_model", "is required")
+
+    @property
+    def data_paths(self) -> list[str]:
+        """The training files: ``data``, or RUN/selection/selected.jsonl."""
+        return self.data or [os.path.join(self.run_dir, "selection", "selected.jsonl")]
+
+    @property
+    def out_dir(self) -> str:
+        """``output``, or RUN/finetune."""
+        return self.output or stage_dir(self.run_dir, "finetune")
 
 
 @dataclass
@@ -293,6 +316,159 @@ class SelectConfig:
         return self.method in ("quality_gate", "worst_rank", "rank_mean")
 
 
+LOCAL_TASK = "qgate_synth"
+
+
+@dataclass
+class EvaluateConfig:
+    """Evaluation with lm-eval: a model (plus an optional PEFT adapter) on named tasks."""
+
+    run_dir: str = "runs/demo"
+    model: str = ""
+    """HF causal LM directory; default: the base recorded in the adapter's adapter_config.json."""
+    adapter: str | None = "auto"
+    """PEFT adapter directory; 'auto' = RUN/finetune/adapter (must exist); null = model alone."""
+    tasks: list[str] = field(default_factory=lambda: [LOCAL_TASK])
+    """lm-eval task names. qgate_synth is the local exact-match task built from test_data."""
+    test_data: str | None = None
+    """JSONL of chat rows for qgate_synth (default RUN/data/test.jsonl); the reference is the
+    row's `answer`, else its last assistant turn."""
+    task_dir: str | None = None
+    """Where the qgate_synth YAML and its data copy are written (default OUTPUT/tasks)."""
+    include_path: list[str] = field(default_factory=list)
+    """More directories of lm-eval task YAMLs (your own local tasks)."""
+    limit: int | None = None
+    """Docs per task (None: all). For smoke runs only: the scores are not comparable."""
+    num_fewshot: int | None = None
+    """Override the tasks' few-shot count (qgate_synth is zero-shot)."""
+    batch_size: int = 8
+    max_gen_toks: int = 64
+    """Generation budget of qgate_synth (greedy, stops at the tokenizer's eos)."""
+    apply_chat_template: bool = False
+    """Wrap every task's prompt in the model's chat template (lm-eval's option; for hub
+    tasks like gsm8k on an instruct model). qgate_synth is rendered with the chat template
+    either way: pre-rendered when false, by lm-eval from the raw user turn when true."""
+    output: str | None = None
+    """Default RUN/eval: results.json, samples_<task>.jsonl, tasks/."""
+    device: str = "auto"
+    """'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:N'."""
+    seed: int = 0
+    offline: bool = True
+    """Set HF_HUB_OFFLINE / HF_DATASETS_OFFLINE so nothing is downloaded; set false to run
+    hub tasks (MMLU, GSM8K, BBH) on a machine with hub access."""
+    log_samples: bool = True
+    """Also write every prompt, generation and score to samples_<task>.jsonl."""
+
+    def __post_init__(self):
+        _check(bool(self.tasks), "tasks", "needs at least one task name")
+        _check(self.adapter != "", "adapter", "must be a directory, 'auto' or null")
+        _check(
+            bool(self.model) or self.adapter is not None,
+            "model",
+            "is required when adapter is null",
+        )
+        _check(self.limit is None or self.limit >= 1, "limit", "must be >= 1")
+        _check(self.num_fewshot is None or self.num_fewshot >= 0, "num_fewshot", "must be >= 0")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.max_gen_toks >= 1, "max_gen_toks", "must be >= 1")
+        ok = self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
+        _check(ok, "device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    @property
+    def out_dir(self) -> str:
+        """RUN/eval unless ``output`` is set."""
+        return self.output or stage_dir(self.run_dir, "eval")
+
+    @property
+    def adapter_dir(self) -> str | None:
+        """The adapter directory, with 'auto' resolved to RUN/finetune/adapter."""
+        if self.adapter == "auto":
+            return os.path.join(stage_dir(self.run_dir, "finetune"), "adapter")
+        return self.adapter
+
+    @property
+    def test_path(self) -> str:
+        """test_data, or RUN/data/test.jsonl."""
+        return self.test_data or os.path.join(self.run_dir, "data", "test.jsonl")
+
+
+@dataclass
+class ServeConfig:
+    """The live scoring endpoint (serve/app.py): artifacts, batching, replicas, limits, auth.
+
+    These are the ``args:`` of the application in serve/config.yaml. The scoring settings
+    (max_length, loss_on, alpha, eps, embedding projection, ifd) are not here: they come from
+    the reference's ``scoring`` block, so the endpoint gives the batch job's values.
+    """
+
+    run_dir: str = "runs/demo"
+    reference: str | None = None
+    """Selection reference.json (default RUN/selection/reference.json)."""
+    scores: str | None = None
+    """Scores directory whose _manifest.json names the model and gates (default RUN/scores)."""
+    score_only: bool = False
+    """Serve without a reference: settings from the scores manifest, q null, /v1/select 409."""
+    base_model: str | None = None
+    """HF model directory (default: the model recorded in the scores manifest)."""
+    gates: str | None = None
+    """Gates directory (default: the gates recorded in the scores manifest)."""
+    check_digests: bool = True
+    """Refuse to start when the model/gates differ from those the reference was scored with."""
+    device: str = "auto"
+    """'auto' (cuda when visible), 'cpu', 'cuda' or 'cuda:N'; bf16 on GPU, fp32 on CPU."""
+    max_batch_size: int = 32
+    """Samples per dynamic batch (@serve.batch); 1 turns batching off."""
+    batch_wait_timeout_s: float = 0.0
+    """How long a partial batch waits for more samples. 0 runs whatever queued while the
+    previous batch computed (no added latency; batches fill under load); a few ms can help
+    where a batch costs about the same as one sample (GPU)."""
+    batch_tokens: int = 16384
+    """Cap on padded tokens per forward pass inside a batch."""
+    max_samples: int = 64
+    """Samples per request; more gets 413."""
+    max_chars: int = 20000
+    """Characters per sample (the sample serialized as JSON); more gets 422."""
+    api_key_env: str | None = "QGATE_API_KEY"
+    """Environment variable (read in the ingress replica) holding the API key; unset: no auth."""
+    api_key_file: str | None = None
+    """File holding the API key; wins over api_key_env."""
+    model_replicas: int = 1
+    """Model replicas (ignored when model_autoscaling is set)."""
+    model_autoscaling: dict[str, int | float] | None = None
+    """Ray Serve autoscaling_config of the model deployment (min_replicas, max_replicas, ...)."""
+    model_num_cpus: float = 1.0
+    """CPUs per model replica; also its torch thread count on CPU."""
+    model_num_gpus: float = 0.0
+    model_max_ongoing_requests: int = 256
+    """Requests in flight per model replica; must be >= max_batch_size (one-sample requests
+    must be able to fill a batch). More wait in the caller's router, which backs off up to
+    0.5 s between tries: size it for the expected concurrency."""
+    ingress_replicas: int = 1
+    ingress_num_cpus: float = 0.25
+    ingress_max_ongoing_requests: int = 256
+    """HTTP requests in flight per ingress replica."""
+
+    def __post_init__(self):
+        for key in ("max_batch_size", "batch_tokens", "max_samples", "max_chars"):
+            _check(getattr(self, key) >= 1, key, "must be >= 1")
+        for key in ("model_replicas", "ingress_replicas", "ingress_max_ongoing_requests"):
+            _check(getattr(self, key) >= 1, key, "must be >= 1")
+        for key in ("batch_wait_timeout_s", "model_num_cpus", "model_num_gpus", "ingress_num_cpus"):
+            _check(getattr(self, key) >= 0, key, "must be >= 0")
+        _check(
+            self.model_max_ongoing_requests >= self.max_batch_size,
+            "model_max_ongoing_requests",
+            f"must be >= max_batch_size ({self.max_batch_size}), or a batch can never fill",
+        )
+        ok = self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
+        _check(ok, "device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _check(
+            not (self.score_only and self.reference),
+            "score_only",
+            "cannot be combined with reference (a reference is what decisions come from)",
+        )
+
+
 def _parse_scalar(text: str):
     return yaml.safe_load(text) if text != "" else ""
 
@@ -339,6 +515,9 @@ def _coerce(value, tp, key: str):
         _check(isinstance(value, dict), key, f"expected a mapping, got {type(value).__name__}")
         return build(tp, value, prefix=f"{key}.")
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 2e-5 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         _check(ok, key, f"expected a number, got {value!r}")
         return float(value)

@@ -220,8 +220,8 @@ def load_finetune_rows(cfg: FinetuneConfig, tokenizer) -> list[dict]:
 
     Rows must parse as canonical chat rows (qgate.data reject reasons) and keep at least one
     loss token after truncation to ``max_length``. A selection with any bad row is refused
-    as a whole (it came out of our own select stage, so a bad row means a broken pipeline,
-    not noise to skip); an empty selection is an error, not a no-op.
+    as a whole (a bad row in a selection means something upstream is broken, not noise to
+    skip quietly); an empty selection is an error, not a no-op.
     """
     from qgate.data import (
         NO_ANSWER_AFTER_TRUNCATION,
@@ -231,22 +231,31 @@ def load_finetune_rows(cfg: FinetuneConfig, tokenizer) -> list[dict]:
         tokenize_messages,
     )
 
-    paths = expand_paths(cfg.data_paths)
+    try:
+        paths = expand_paths(cfg.data_paths)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"{e} (finetune reads RUN/selection/selected.jsonl by default: run the select "
+            "stage first, or set data=[...])"
+        ) from None
     rows, rejects = read_corpus(paths)
     if not rejects:
         for row in rows:
             enc = tokenize_messages(tokenizer, row["messages"], cfg.max_length, cfg.loss_on)
             if all(t == -100 for t in enc["labels"][1:]):  # position 0 is never scored
                 detail = (
-                    f"no {cfg.loss_on} token left within max_length={cfg.max_length} "
-                    f"({enc['n_tokens_full']} tokens); raise max_length or drop the row"
+                    f"{NO_ANSWER_AFTER_TRUNCATION}: no {cfg.loss_on} token left within "
+                    f"max_length={cfg.max_length} ({enc['n_tokens_full']} tokens); "
+                    "raise max_length or drop the row"
                 )
                 rejects.append(
                     Reject(row["sample_id"], row["source"], NO_ANSWER_AFTER_TRUNCATION, detail, "")
                 )
     if rejects:
         shown = "\n".join(
-            f"  - {r.sample_id or '?'} ({r.source}): {r.reason}: {r.detail}" for r in rejects[:20]
+            f"  - {r.sample_id or '?'} ({r.source}): "
+            + (r.detail if r.detail.startswith(r.reason) else f"{r.reason}: {r.detail}")
+            for r in rejects[:20]
         )
         more = f"\n  ... and {len(rejects) - 20} more" if len(rejects) > 20 else ""
         raise ValueError(
@@ -423,6 +432,7 @@ def train_loop(loop_cfg: dict) -> None:
     t0, start_step = time.time(), step
     while step < plan.total_steps:
         optimizer.zero_grad(set_to_none=True)
+        torch.manual_seed(cfg.seed * 1_000_003 + step * 101 + rank)  # resume-exact dropout
         for a in range(cfg.grad_accum):
             idx, tidx = micro_batch_indices(plan, rank, cfg.seed, step * cfg.grad_accum + a)
             batch = collate([pool[i] for i in idx] + [targets[i] for i in tidx], tok.pad_token_id)
@@ -508,6 +518,46 @@ def train_loop(loop_cfg: dict) -> None:
 
 # ----------------------------------------------------------------------------- driver
 
+RUN_CONTROL = {
+    "name",
+    "storage_path",
+    "max_failures",
+    "num_to_keep",
+    "report_every",
+    "device_threads",
+}
+FINGERPRINT_FILE = "qgate_fingerprint.json"
+
+
+def fingerprint(cfg: TrainConfig, rows: list[dict]) -> str:
+    """Digest of what defines a training run: its config (less run control) and its data."""
+    import hashlib
+
+    conf = {k: v for k, v in to_dict(cfg).items() if k not in RUN_CONTROL}
+    ids = [(r["sample_id"], r["rank"], r["is_target"]) for r in rows]
+    blob = json.dumps([conf, ids], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _claim_run(storage: str, name: str, digest: str) -> None:
+    """Refuse to resume a run name that holds a different run (other config or data)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(storage)
+    path = f"{root.rstrip('/')}/{name}/{FINGERPRINT_FILE}"
+    if fs.exists(path):
+        with fs.open(path) as f:
+            old = json.load(f)["fingerprint"]
+        if old != digest:
+            raise ValueError(
+                f"run {name!r} under {storage} holds a different run (config or data changed); "
+                "set name=<new run name>, or delete that directory to start over"
+            )
+        return
+    fs.makedirs(f"{root.rstrip('/')}/{name}", exist_ok=True)
+    with fs.open(path, "w") as f:
+        json.dump({"fingerprint": digest}, f)
+
 
 def fit(
     stage: str,
@@ -531,11 +581,13 @@ def fit(
     pool = assign_ranks([dict(r, is_target=False) for r in rows], world, cfg.seed)
     tgt = assign_ranks([dict(r, is_target=True) for r in targets], world, cfg.seed + 1)
 
-    out_dir = os.path.join(cfg.run_dir, stage)
+    out_dir = getattr(cfg, "output", None) or os.path.join(cfg.run_dir, stage)
     os.makedirs(out_dir, exist_ok=True)
     storage = cfg.storage_path or os.path.join(cfg.run_dir, "ray_train")
     storage = storage if "://" in storage else os.path.abspath(storage)  # s3://, gs:// stay URIs
     name = cfg.name or f"{stage}-{os.path.basename(os.path.abspath(cfg.run_dir))}"
+
+    _claim_run(storage, name, fingerprint(cfg, pool + tgt))
 
     cols = ("sample_id", "messages", "order", "is_target")
     datasets = {}
