@@ -1,0 +1,260 @@
+"""The whole pipeline on a tiny model, on an embedded local Ray: the README's main command.
+
+    python -m jobs.demo --run-dir runs/demo            # defaults: <= 10 min on 2 cores
+    python -m jobs.demo --run-dir runs/ci --small      # CI size, same code path
+
+1. synthetic labelled corpus -> RUN/data
+2. tiny stand-in Qwen3, pretrained briefly on the pretrain split (clean rows plus the common
+   low-value patterns a real LM has seen, disjoint from the pool) -> RUN/base
+3. warmup -> score -> select (default method, 30%), plus the random baseline at the same budget
+4. LoRA-finetune the target (the stand-in) on each selection
+5. evaluate both on the held-out test split with the local lm-eval task
+6. print a table built from the artifacts, write RUN/demo_summary.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from qgate.config import (
+    EvaluateConfig,
+    FinetuneConfig,
+    ScoreConfig,
+    SelectConfig,
+    WarmupConfig,
+    build,
+)
+
+SIZES = {
+    # pool rows, warmup steps, finetune steps, test docs, stand-in epochs
+    "default": {"n_pool": 3000, "warmup_steps": 60, "ft_steps": 120, "n_test": 100, "epochs": 3},
+    "small": {"n_pool": 240, "warmup_steps": 6, "ft_steps": 6, "n_test": 12, "epochs": 1},
+}
+CPU = {"resources_per_worker": {"CPU": 0.5}}
+
+
+def _stage(name: str, t0: float) -> None:
+    print(f"\n=== [{time.time() - t0:6.1f}s] {name} ===", flush=True)
+
+
+def run_demo(run_dir: str, size: dict, seed: int = 0) -> dict:
+    """Run every stage under run_dir and return the summary (also written as JSON)."""
+    from jobs import finetune as ft_job
+    from jobs import warmup as warmup_job
+    from jobs.common import init_ray
+    from qgate.batch_scoring import run_scoring
+    from qgate.evaluation import evaluate
+    from qgate.selection import run_selection
+    from qgate.synthetic import build_stand_in, generate_corpus
+
+    t0 = time.time()
+    times = {}
+    run_dir = os.path.abspath(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+
+    _stage("1/6 synthetic corpus", t0)
+    data = generate_corpus(
+        os.path.join(run_dir, "data"),
+        seed=seed,
+        n_pool=size["n_pool"],
+        n_target=200,
+        n_test=size["n_test"],
+        n_pretrain=max(1000, size["n_pool"] // 2),
+    )
+    times["data"] = time.time() - t0
+
+    _stage("2/6 tiny stand-in base model", t0)
+    t = time.time()
+    base = os.path.join(run_dir, "base")
+    if not os.path.isfile(os.path.join(base, "config.json")):
+        build_stand_in(
+            base, data["pretrain"], epochs=size["epochs"], hidden_size=64, num_layers=2, seed=seed
+        )
+    times["base"] = time.time() - t
+
+    init_ray()
+    common = {"run_dir": run_dir, "seed": seed}
+    _stage("3/6 warmup (Ray Train, 2 workers)", t0)
+    t = time.time()
+    warm = build(
+        WarmupConfig,
+        {
+            **common,
+            "base_model": base,
+            "corpus": [data["pool"]],
+            "max_steps": size["warmup_steps"],
+            "batch_size": 16,
+            "max_length": 256,
+            "report_every": 10,
+            "checkpoint_every": size["warmup_steps"],
+            "scaling": CPU,
+        },
+    )
+    warmup_job.run(warm)
+    times["warmup"] = time.time() - t
+
+    _stage("3/6 score (Ray Data actor pool)", t0)
+    t = time.time()
+    manifest = run_scoring(
+        build(
+            ScoreConfig,
+            {
+                "run_dir": run_dir,
+                "base_model": base,
+                "gates": os.path.join(run_dir, "warmup"),
+                "corpus": [data["pool"]],
+                "max_length": 256,
+                "batch_tokens": 8192,
+                "rows_per_shard": 1000,
+                "actors": {"num_cpus": 1.0},
+            },
+        )
+    )
+    times["score"] = time.time() - t
+
+    _stage("3/6 select: default method and random baseline at 30%", t0)
+    t = time.time()
+    arms = {}
+    for arm, method in (("selected", None), ("random", "random")):
+        sel_dir = os.path.join(run_dir, "selection" if arm == "selected" else "selection_random")
+        scfg = {
+            "run_dir": run_dir,
+            "corpus": [data["pool"]],
+            "output": sel_dir,
+            "budget_ratio": 0.3,
+            "seed": seed,
+        }
+        if method:
+            scfg["method"] = method
+        arms[arm] = {"selection": run_selection(build(SelectConfig, scfg)), "dir": sel_dir}
+    times["select"] = time.time() - t
+
+    for arm, info in arms.items():
+        _stage(f"4/6 LoRA finetune on the {arm} subset (Ray Train)", t0)
+        t = time.time()
+        ft_out = os.path.join(run_dir, "finetune" if arm == "selected" else "finetune_random")
+        ft = build(
+            FinetuneConfig,
+            {
+                **common,
+                "target_model": base,
+                "data": [os.path.join(info["dir"], "selected.jsonl")],
+                "output": ft_out,
+                "name": f"finetune-{arm}-{os.path.basename(run_dir)}",
+                "lr": 3e-3,
+                "max_steps": size["ft_steps"],
+                "batch_size": 8,
+                "max_length": 256,
+                "report_every": 20,
+                "checkpoint_every": size["ft_steps"],
+                "scaling": CPU,
+                "lora": {
+                    "r": 16,
+                    "alpha": 32.0,
+                    "dropout": 0.0,
+                    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                },
+            },
+        )
+        ft_job.run(ft)
+        times[f"finetune_{arm}"] = time.time() - t
+
+        _stage(f"5/6 evaluate the {arm} adapter (lm-eval, local task)", t0)
+        t = time.time()
+        ev_out = os.path.join(run_dir, "eval" if arm == "selected" else "eval_random")
+        ev = build(
+            EvaluateConfig,
+            {
+                "run_dir": run_dir,
+                "model": base,
+                "adapter": os.path.join(ft_out, "adapter"),
+                "test_data": data["test"],
+                "output": ev_out,
+                "batch_size": 16,
+                "max_gen_toks": 32,
+            },
+        )
+        evaluate(ev)
+        info["eval"] = os.path.join(ev_out, "results.json")
+        times[f"eval_{arm}"] = time.time() - t
+
+    _stage("6/6 summary", t0)
+    summary = summarize(run_dir, manifest, arms)
+    summary["seconds"] = {k: round(v, 1) for k, v in times.items()}
+    summary["wall_s"] = round(time.time() - t0, 1)
+    with open(os.path.join(run_dir, "demo_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(format_table(summary))
+    print(f"\nreport: {summary['report']}\nall artifacts under {run_dir} ({summary['wall_s']}s)")
+    return summary
+
+
+def _exact_match(results_path: str) -> float:
+    """exact_match of the local task, read back from results.json."""
+    with open(results_path) as f:
+        res = json.load(f)
+    metrics = res["tasks"]["qgate_synth"]
+    key = next(k for k in metrics if k.startswith("exact_match") and "stderr" not in k)
+    return float(metrics[key])
+
+
+def summarize(run_dir: str, manifest: dict, arms: dict) -> dict:
+    """Numbers for the final table, each read from a stage's artifact on disk."""
+    with open(os.path.join(run_dir, "scores", "_manifest.json")) as f:
+        m = json.load(f)
+    out = {"rows_in": m["rows_in"], "scored": m["scored"], "rejected": m["rejected"], "arms": {}}
+    for arm, info in arms.items():
+        lm = info["selection"]["label_metrics"] or {}
+        with open(os.path.join(info["dir"], "reference.json")) as f:
+            ref = json.load(f)
+        noise = 1.0 - lm.get("selected_share", {}).get("clean", 0.0)
+        out["arms"][arm] = {
+            "method": ref["method"],
+            "selected": ref["counts"]["selected"],
+            "noise_share": round(noise, 4),
+            "auroc": lm.get("auroc"),
+            "exact_match": _exact_match(info["eval"]),
+        }
+    out["report"] = os.path.join(run_dir, "selection", "report.html")
+    return out
+
+
+def format_table(s: dict) -> str:
+    """The demo's closing table."""
+    lines = [
+        f"rows in {s['rows_in']}   scored {s['scored']}   rejected {s['rejected']}",
+        "",
+        f"{'subset':<10} {'method':<14} {'rows':>6} {'noise share':>12} {'AUROC':>7} {'test EM':>8}",
+    ]
+    for arm, a in s["arms"].items():
+        auroc = "-" if a["auroc"] is None else f"{a['auroc']:.3f}"
+        lines.append(
+            f"{arm:<10} {a['method']:<14} {a['selected']:>6} {a['noise_share']:>12.1%} "
+            f"{auroc:>7} {a['exact_match']:>8.3f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--run-dir", default="runs/demo")
+    ap.add_argument("--small", action="store_true", help="CI size (same code path)")
+    ap.add_argument("--n-pool", type=int, help="pool rows (scale up)")
+    ap.add_argument("--warmup-steps", type=int)
+    ap.add_argument("--ft-steps", type=int)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    size = dict(SIZES["small" if a.small else "default"])
+    for key in ("n_pool", "warmup_steps", "ft_steps"):
+        if getattr(a, key) is not None:
+            size[key] = getattr(a, key)
+    run_demo(a.run_dir, size, seed=a.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
