@@ -335,6 +335,8 @@ def run_scoring(cfg: ScoreConfig) -> dict:
 
     check_base(cfg.base_model)
     gates = cfg.gates or os.path.join(cfg.run_dir, "warmup")
+    if not cfg.gates and os.path.isfile(os.path.join(cfg.base_model, "qgate.json")):
+        gates = cfg.base_model  # a converted gated directory carries its own gates
     if not os.path.isfile(os.path.join(gates, "qgate.json")):
         if cfg.gates:
             raise FileNotFoundError(f"gates directory has no qgate.json: {gates}")

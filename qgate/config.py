@@ -270,6 +270,11 @@ class SelectConfig:
     method: Literal[SELECT_METHODS] = "quality_gate"
     signals: list[str] = field(default_factory=lambda: ["gate", "perplexity", "ifd"])
     """Signals joined by worst_rank / rank_mean (gate, perplexity, ifd, length)."""
+    calibration: Literal["pool", "source"] = "pool"
+    """worst_rank / rank_mean: rank each signal within the whole pool, or within the sample's
+    own source (perplexity and IFD levels differ by task and source)."""
+    calibration_min_rows: int = 200
+    """calibration=source: sources with fewer rows are ranked against the whole pool."""
     budget_ratio: float = 0.3
     budget_count: int | None = None
     """Rows to select; wins over budget_ratio."""
@@ -297,6 +302,7 @@ class SelectConfig:
         _check(0 < self.budget_ratio <= 1, "budget_ratio", "must be in (0, 1]")
         _check(self.budget_count is None or self.budget_count >= 1, "budget_count", "must be >= 1")
         _check(self.k is None or self.k >= 1, "k", "must be >= 1")
+        _check(self.calibration_min_rows >= 1, "calibration_min_rows", "must be >= 1")
         _check(2 <= self.k_min <= self.k_max, "k_min", "need 2 <= k_min <= k_max")
         known = {"gate", "perplexity", "ifd", "length"}
         bad = [s for s in self.signals if s not in known]

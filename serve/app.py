@@ -1,0 +1,746 @@
+"""The live scoring endpoint: Ray Serve + FastAPI over the gated model.
+
+    serve run serve/config.yaml        # development: a local Ray, Ctrl-C stops it
+    serve deploy serve/config.yaml     # a running cluster (dashboard at 127.0.0.1:8265)
+    qgate serve [--config serve/config.yaml] [key=value ...]    # the local convenience
+
+Two deployments:
+
+- ``QGateModel`` holds the gated model (:func:`qgate.model.load_gated_model`) and the
+  selection reference. The ingress sends it one call per request
+  (:meth:`QGateModel.score_rows`); inside, each sample is one item of the dynamic batch
+  (``@serve.batch`` on :meth:`QGateModel._score_many`), so samples from different requests
+  and clients share batches while the Ray call overhead stays per request. A batch is scored
+  by :func:`qgate.scoring.score_batch` and decided by :func:`qgate.selection.decide`: the
+  batch job's functions with the batch job's settings (the reference's ``scoring`` block),
+  so the endpoint returns the parquet values.
+- ``QGateAPI`` is the FastAPI ingress: auth, limits, per-row validation
+  (:func:`qgate.data.validate`), and the JSON replies.
+
+The model loader is an argument of the model deployment (:func:`build`), so tests can swap it.
+Nothing is loaded at import: ``app`` below is only a bound graph with the default config.
+"""
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, Literal
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.exceptions import TaskCancelledError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from qgate.config import ConfigError, ServeConfig, apply_overrides, stage_dir
+from qgate.config import build as build_config
+from qgate.data import INVALID_UTF8, Reject, validate
+
+log = logging.getLogger("qgate.serve")
+
+API_SOURCE = "api"
+"""Source name of request samples that do not carry their own ``source``."""
+OPEN_PATHS = ("/healthz",)
+"""The only routes served without the API key."""
+TOKENIZATION_ERROR = "tokenization_error"
+"""Per-row reason when the tokenizer or chat template cannot place the sample's loss mask."""
+JSON_ESCAPE_FACTOR = 6
+"""Worst-case bytes per character of a JSON string ('\\u0000'): bounds the body size."""
+
+# ----------------------------------------------------------------------------- API models
+
+Extra = Literal["embedding", "gate_mean", "ifd", "n_loss_tokens"]
+
+_EXAMPLES = [
+    {
+        "samples": [
+            {
+                "id": "ex-1",
+                "messages": [
+                    {"role": "user", "content": "Reverse the word: gate"},
+                    {"role": "assistant", "content": "etag"},
+                ],
+            },
+            {"instruction": "Uppercase: ray", "input": "", "output": "RAY"},
+            {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]},
+        ],
+        "return": ["ifd"],
+    }
+]
+
+
+class ScoreRequest(BaseModel):
+    """Samples to score, each in any accepted row shape: messages, ShareGPT or Alpaca."""
+
+    model_config = ConfigDict(
+        extra="forbid", populate_by_name=True, json_schema_extra={"examples": _EXAMPLES}
+    )
+
+    samples: list[dict[str, Any]] = Field(
+        min_length=1,
+        description="Rows as in a corpus file ({messages}, {conversations} or "
+        "{instruction, input, output}; optional id and source). At most max_samples "
+        "(GET /v1/info) per request, else 413; a sample over max_chars characters "
+        "(serialized as JSON) gives 422.",
+    )
+    return_: list[Extra] = Field(
+        default_factory=list,
+        alias="return",
+        description="Extra per-sample fields to return.",
+    )
+
+
+class RowError(BaseModel):
+    """Why one sample was not scored (the batch job's reject reasons)."""
+
+    reason: str = Field(description="e.g. missing_assistant, unknown_shape, ...")
+    detail: str
+
+
+class SampleScore(BaseModel):
+    """One sample's scores, as the batch job's parquet row has them; or its error."""
+
+    index: int = Field(description="Position of the sample in the request.")
+    sample_id: str | None = Field(None, description="Given id, else a content hash.")
+    source: str | None = None
+    n_tokens: int | None = None
+    truncated: bool | None = None
+    nll: float | None = Field(None, description="Mean nll over the scored tokens.")
+    gate: list[float] | None = Field(None, description="Per layer ppl-weighted gate s_l.")
+    q: float | None = Field(None, description="Quality score against the loaded reference.")
+    gate_mean: list[float] | None = None
+    embedding: list[float] | None = None
+    ifd: float | None = None
+    n_loss_tokens: int | None = None
+    error: RowError | None = None
+
+
+class SampleDecision(SampleScore):
+    """A sample's scores plus the decision the last selection would have made for it."""
+
+    score: float | None = Field(None, description="The selection method's score.")
+    cluster: int | None = Field(None, description="Nearest diversity cluster (null: none).")
+    selected: bool | None = Field(None, description="score >= the cluster's cutoff.")
+    margin: float | None = Field(None, description="score - cutoff; negative: not selected.")
+
+
+class ScoreResponse(BaseModel):
+    results: list[SampleScore]
+    n_scored: int
+    n_errors: int
+
+
+class SelectResponse(BaseModel):
+    results: list[SampleDecision]
+    n_scored: int
+    n_errors: int
+    n_selected: int
+    method: str
+
+
+class ErrorBody(BaseModel):
+    """Every non-2xx reply: a stable code and a message for people."""
+
+    error: str
+    message: str
+    detail: list[dict[str, Any]] | None = None
+
+
+_ERRORS = {
+    code: {"model": ErrorBody, "description": desc}
+    for code, desc in {
+        400: "Malformed JSON",
+        401: "Missing or wrong API key",
+        413: "Too many samples, or body too large",
+        422: "Invalid body, empty samples list or an over-long sample",
+        409: "No reference loaded (score_only)",
+        500: "Unexpected server error (no details are exposed)",
+    }.items()
+}
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _error(status: int, code: str, message: str, detail=None, headers=None) -> JSONResponse:
+    body = {"error": code, "message": message}
+    if detail is not None:
+        body["detail"] = detail
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class APIError(HTTPException):
+    """An HTTP error with a stable code (``error``) and a message."""
+
+    def __init__(self, status: int, code: str, message: str, headers=None):
+        super().__init__(status_code=status, detail=message, headers=headers)
+        self.code = code
+
+
+class GuardMiddleware:
+    """Pure ASGI guard around the whole app: API key, body size, and a JSON 500 for anything
+    unexpected (logged with its trace on the server, never sent to the client)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_tracked(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            guard = _guard_state()
+            refusal = guard.check(scope)
+            if refusal is not None:
+                return await refusal(scope, receive, send)
+            await self.app(scope, receive, send_tracked)
+        except TaskCancelledError:  # the client went away and Serve cancelled the request
+            log.info("request cancelled on %s", scope.get("path"))
+        except Exception:
+            ref = uuid.uuid4().hex[:12]
+            log.exception("unexpected error (ref %s) on %s", ref, scope.get("path"))
+            if not started:
+                msg = f"unexpected server error; the server log has the details (ref {ref})"
+                await _error(500, "internal_error", msg)(scope, receive, send)
+
+
+class _Guard:
+    """What GuardMiddleware checks; lives on the ingress replica."""
+
+    def __init__(self, key: str | None, max_body: int):
+        self.key = key.encode() if key else None
+        self.max_body = max_body
+
+    def check(self, scope) -> JSONResponse | None:
+        path = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :] or "/"
+        headers = dict(scope.get("headers") or [])
+        if self.key is not None and path not in OPEN_PATHS:
+            auth = headers.get(b"authorization", b"")
+            scheme, _, given = auth.partition(b" ")
+            ok = scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.key)
+            if not ok:
+                return _error(
+                    401,
+                    "unauthorized",
+                    "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            return _error(
+                413,
+                "body_too_large",
+                f"request body of {int(length)} bytes exceeds {self.max_body} bytes"
+                " (max_samples x max_chars)",
+            )
+        return None
+
+
+def _guard_state() -> _Guard:
+    """The guard of the ingress replica this request runs in."""
+    return serve.get_replica_context().servable_object.guard
+
+
+api = FastAPI(
+    title="qgate scoring endpoint",
+    version="1",
+    description="Score instruction-tuning samples with the gated model exactly as the batch "
+    "scoring job does, and get the decision the last selection would make for them. Every "
+    "route except /healthz needs 'Authorization: Bearer <key>' when an API key is configured.",
+)
+api.add_middleware(GuardMiddleware)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    code = getattr(exc, "code", None) or {404: "not_found", 405: "method_not_allowed"}.get(
+        exc.status_code, "http_error"
+    )
+    return _error(exc.status_code, code, str(exc.detail), headers=exc.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, exc: RequestValidationError):
+    errors = [
+        {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": e["type"]}
+        for e in exc.errors()[:20]
+    ]
+    if any(e["type"] == "json_invalid" for e in errors):
+        return _error(400, "malformed_json", "the request body is not valid JSON", errors)
+    return _error(422, "invalid_request", "; ".join(_describe(e) for e in errors[:5]), errors)
+
+
+def _describe(e: dict) -> str:
+    loc = ".".join(p for p in e["loc"] if p != "body")
+    return f"{loc or 'body'}: {e['msg']}"
+
+
+# ----------------------------------------------------------------------------- artifacts
+
+
+def _read_json(path: str) -> dict:
+    import fsspec
+
+    with fsspec.open(path, "rb") as f:
+        return json.loads(f.read().decode("utf-8"))
+
+
+def _exists(path: str) -> bool:
+    import fsspec
+
+    fs, _, (p,) = fsspec.get_fs_token_paths(path)
+    return fs.exists(p)
+
+
+def resolve_artifacts(cfg: ServeConfig) -> dict:
+    """Find the reference (or scores manifest), the scoring settings, model and gates paths.
+
+    Returns ``{reference, reference_path, reference_digest, scoring, base_model, gates,
+    expected_digests}``; raises FileNotFoundError / ValueError naming what is missing.
+    """
+    from qgate.selection import load_reference
+
+    scores_dir = cfg.scores or stage_dir(cfg.run_dir, "scores")
+    manifest_path = os.path.join(scores_dir, "_manifest.json")
+    manifest = _read_json(manifest_path) if _exists(manifest_path) else None
+    reference, ref_path, ref_digest = None, None, None
+    if cfg.score_only:
+        if manifest is None:
+            raise FileNotFoundError(
+                f"score_only needs the scores manifest {manifest_path}; run `qgate score` first"
+                " or set scores= to its output directory"
+            )
+        scoring, expected = manifest.get("scoring"), manifest
+    else:
+        ref_path = cfg.reference or os.path.join(
+            stage_dir(cfg.run_dir, "selection"), "reference.json"
+        )
+        if not _exists(ref_path):
+            raise FileNotFoundError(
+                f"no selection reference at {ref_path}: run `qgate select` first, set reference="
+                " to its reference.json, or set score_only=true to serve scores without decisions"
+            )
+        reference = load_reference(ref_path)
+        import fsspec
+
+        with fsspec.open(ref_path, "rb") as f:
+            ref_digest = hashlib.sha256(f.read()).hexdigest()[:16]
+        scoring, expected = reference.get("scoring"), reference
+    if not scoring:
+        src = ref_path or manifest_path
+        raise ValueError(f"{src} has no `scoring` block; re-run the score (and select) stage")
+    base = cfg.base_model or (manifest or {}).get("model")
+    if not base:
+        raise ValueError(
+            f"no base_model set and no scores manifest at {manifest_path} to take it from;"
+            " set base_model= (and gates=) to what the score stage used"
+        )
+    gates = cfg.gates if cfg.gates else (manifest or {}).get("gates")
+    return {
+        "reference": reference,
+        "reference_path": ref_path,
+        "reference_digest": ref_digest,
+        "scoring": scoring,
+        "base_model": base,
+        "gates": gates,
+        "expected_digests": {
+            "model_digest": expected.get("model_digest"),
+            "gates_digest": expected.get("gates_digest"),
+        },
+    }
+
+
+def loaded_digests(base: str, gates: str | None) -> dict:
+    """Digests of the model and gates as the score stage records them."""
+    from qgate.model import GATES_FILE, file_digest, model_digest, resolve_base
+
+    g = file_digest([os.path.join(gates, GATES_FILE)]) if gates else "fresh-init"
+    return {"model_digest": model_digest(resolve_base(base)), "gates_digest": g}
+
+
+# ----------------------------------------------------------------------------- deployments
+
+
+@serve.deployment(name="QGateModel")
+class QGateModel:
+    """Holds the gated model and the reference; each sample is one item of a dynamic batch,
+    scored by score_batch and decided by decide (the batch job's functions and settings)."""
+
+    def __init__(self, cfg: ServeConfig, loader: Callable | None = None):
+        import torch
+
+        from qgate.model import load_gated_model
+        from qgate.scoring import projection_matrix
+
+        art = resolve_artifacts(cfg)
+        self.cfg, self.reference, self.s = cfg, art["reference"], art["scoring"]
+        device = cfg.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            torch.set_num_threads(max(1, int(cfg.model_num_cpus)))
+        self.digests = loaded_digests(art["base_model"], art["gates"])
+        expected = art["expected_digests"]
+        bad = [k for k, v in expected.items() if v is not None and v != self.digests[k]]
+        if cfg.check_digests and bad:
+            raise ValueError(
+                f"the reference was scored with {', '.join(f'{k}={expected[k]}' for k in bad)},"
+                f" but this endpoint loads {', '.join(f'{k}={self.digests[k]}' for k in bad)}"
+                f" (base_model={art['base_model']}, gates={art['gates']}); its scores would not"
+                " match. Point base_model/gates at what the score stage used, or re-run score"
+                " and select (check_digests=false skips this check)"
+            )
+        loader = loader or load_gated_model
+        self.model, self.tokenizer, meta = loader(
+            art["base_model"], gates=art["gates"], device=device
+        )
+        shape = (meta.num_layers, meta.hidden_size)
+        if shape != (self.s["num_layers"], self.s["hidden_size"]):
+            raise ValueError(
+                f"the model has {shape[0]} gated layers of size {shape[1]}; the reference was"
+                f" scored with {self.s['num_layers']} of size {self.s['hidden_size']}"
+            )
+        self.projection = projection_matrix(
+            meta.hidden_size, self.s["embedding_dim"], self.s["embedding_seed"]
+        )
+        self._score_many.set_max_batch_size(cfg.max_batch_size)
+        self._score_many.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.info_block = {
+            "model": art["base_model"],
+            "gates": art["gates"],
+            **self.digests,
+            "gate_mode": meta.mode,
+            "num_layers": meta.num_layers,
+            "device": str(device),
+            "reference": art["reference_path"],
+            "reference_digest": art["reference_digest"],
+            "method": self.reference["method"] if self.reference else None,
+            "k": self.reference.get("k") if self.reference else None,
+            "scoring": self.s,
+            "max_batch_size": cfg.max_batch_size,
+        }
+        # cumulative, for /v1/info: batches run, samples in them, the largest batch, the
+        # seconds spent in score_batch + decide, and in whole score_rows calls (queue included)
+        self.counters = {"batches": 0, "samples": 0, "largest_batch": 0, "compute_s": 0.0}
+        self.counters |= {"calls": 0, "call_s": 0.0}
+        log.info("QGateModel ready: %s", self.info_block)
+
+    def info(self) -> dict:
+        """Model, gates and reference identity, scoring settings, and batching counters."""
+        return {**self.info_block, "batching": dict(self.counters)}
+
+    async def score_rows(self, rows: list[dict]) -> list[dict]:
+        """Score one request's canonical rows. Each row goes into the dynamic batch on its
+        own, so rows of concurrent requests share batches; one Ray call per request."""
+        t = time.perf_counter()
+        out = list(await asyncio.gather(*(self.score(row) for row in rows)))
+        self.counters["calls"] += 1
+        self.counters["call_s"] += time.perf_counter() - t
+        return out
+
+    async def score(self, row: dict) -> dict:
+        """Score one canonical row (sample_id, messages); a RowError becomes ``{"error": ...}``."""
+        from qgate.data import RowError
+        from qgate.scoring import tokenize_for_scoring
+
+        s = self.s
+        try:
+            enc = tokenize_for_scoring(
+                self.tokenizer, row["messages"], s["max_length"], s["loss_on"], s["ifd"]
+            )
+        except RowError as e:
+            return {"error": {"reason": e.reason, "detail": str(e)}}
+        except (ValueError, TypeError) as e:  # e.g. a chat template that rewrites content
+            return {"error": {"reason": TOKENIZATION_ERROR, "detail": f"{TOKENIZATION_ERROR}: {e}"}}
+        enc["sample_id"] = row["sample_id"]  # the random method hashes it
+        return await self._score_many(enc)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)  # set from config
+    async def _score_many(self, encs: list[dict]) -> list[dict]:
+        # Runs on the replica's event loop, on purpose: samples that arrive meanwhile wait in
+        # Ray's queue and all join the next batch. In a worker thread the forward's Python
+        # overhead holds the GIL and starves the loop that enqueues them (measured on 2 CPUs,
+        # 32 clients: mean batch 2.6 instead of 10, 1.4x less throughput).
+        return self._score_sync(encs)
+
+    def _score_sync(self, encs: list[dict]) -> list[dict]:
+        from qgate.scoring import score_batch
+        from qgate.selection import decide
+
+        s, t = self.s, time.perf_counter()
+        stats = score_batch(
+            self.model,
+            encs,
+            pad_id=self.tokenizer.pad_token_id,
+            alpha=s["alpha"],
+            eps=s["eps"],
+            batch_tokens=max(self.cfg.batch_tokens, s["max_length"]),
+            projection=self.projection,
+            ifd=s["ifd"],
+        )
+        for enc, st in zip(encs, stats, strict=True):
+            st["sample_id"] = enc["sample_id"]
+        decisions = decide(self.reference, stats) if self.reference else [{}] * len(stats)
+        out = []
+        for enc, st, d in zip(encs, stats, decisions, strict=True):
+            out.append(
+                {
+                    "n_tokens": int(enc["n_tokens"]),
+                    "truncated": bool(enc["truncated"]),
+                    "nll": st["nll"],
+                    "gate": st["gate"].tolist(),
+                    "gate_mean": st["gate_mean"].tolist(),
+                    "embedding": st["embedding"].tolist(),
+                    "ifd": st["ifd"],
+                    "n_loss_tokens": st["n_loss_tokens"],
+                    "q": d.get("q"),
+                    "score": d.get("score"),
+                    "cluster": d.get("cluster"),
+                    "selected": d.get("selected"),
+                    "margin": d.get("margin"),
+                }
+            )
+        c = self.counters
+        c["compute_s"] += time.perf_counter() - t
+        c["batches"], c["samples"] = c["batches"] + 1, c["samples"] + len(encs)
+        c["largest_batch"] = max(c["largest_batch"], len(encs))
+        return out
+
+
+def _finite(x):
+    """JSON has no NaN/inf: such values (and None) become null."""
+    if x is None:
+        return None
+    if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))):
+        return None
+    return x
+
+
+def read_api_key(cfg: ServeConfig) -> str | None:
+    """The API key from api_key_file, else the api_key_env variable; None means no auth."""
+    if cfg.api_key_file:
+        try:
+            with open(cfg.api_key_file) as f:
+                key = f.read().strip()
+        except OSError as e:
+            raise FileNotFoundError(f"api_key_file {cfg.api_key_file}: {e.strerror}") from None
+        if not key:
+            raise ValueError(f"api_key_file {cfg.api_key_file} is empty")
+        return key
+    if cfg.api_key_env:
+        return os.environ.get(cfg.api_key_env, "").strip() or None
+    return None
+
+
+@serve.deployment(name="QGateAPI")
+@serve.ingress(api)
+class QGateAPI:
+    """The HTTP API; the routes are documented at /docs (OpenAPI at /openapi.json)."""
+
+    def __init__(self, model, cfg: ServeConfig):
+        self.model, self.cfg = model, cfg
+        key = read_api_key(cfg)
+        per_sample = cfg.max_chars * JSON_ESCAPE_FACTOR + 1024
+        self.guard = _Guard(key, max_body=cfg.max_samples * per_sample + 65536)
+        self._method: str | None = None
+        if key is None:
+            log.warning(
+                "qgate endpoint has no API key: every route is open (set %s or api_key_file)",
+                cfg.api_key_env,
+            )
+
+    @api.get("/healthz", summary="Liveness (no auth)")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/v1/info", summary="Model, gates and reference digests; limits", responses=_ERRORS)
+    async def info(self) -> dict:
+        info = await self.model.info.remote()  # from the model replica that answers
+        self._method = info["method"]
+        cfg = self.cfg
+        limits = {
+            "max_samples": cfg.max_samples,
+            "max_chars": cfg.max_chars,
+            "max_body_bytes": self.guard.max_body,
+            "max_length_tokens": info["scoring"]["max_length"],
+            "max_batch_size": cfg.max_batch_size,
+        }
+        return {**info, "limits": limits, "auth": self.guard.key is not None}
+
+    @api.post(
+        "/v1/score",
+        response_model=ScoreResponse,
+        response_model_exclude_unset=True,
+        summary="Score samples as the batch job would",
+        responses=_ERRORS,
+    )
+    async def score(self, body: ScoreRequest):
+        results = await self._run(body, decide=False)
+        return ScoreResponse(
+            results=results,
+            n_scored=sum(1 for r in results if r.error is None),
+            n_errors=sum(1 for r in results if r.error is not None),
+        )
+
+    @api.post(
+        "/v1/select",
+        response_model=SelectResponse,
+        response_model_exclude_unset=True,
+        summary="Score samples and decide them under the reference's cutoffs",
+        responses=_ERRORS,
+    )
+    async def select(self, body: ScoreRequest):
+        if self.cfg.score_only:
+            raise APIError(409, "no_reference", "this endpoint runs score_only: no decisions")
+        results = await self._run(body, decide=True)
+        if self._method is None:
+            self._method = (await self.model.info.remote())["method"]
+        return SelectResponse(
+            results=results,
+            n_scored=sum(1 for r in results if r.error is None),
+            n_errors=sum(1 for r in results if r.error is not None),
+            n_selected=sum(1 for r in results if r.selected),
+            method=self._method,
+        )
+
+    def _check_limits(self, body: ScoreRequest) -> list[str]:
+        """413/422 for too many samples or an over-long one; returns each sample as JSON."""
+        cfg = self.cfg
+        if len(body.samples) > cfg.max_samples:
+            raise APIError(
+                413,
+                "too_many_samples",
+                f"{len(body.samples)} samples in one request; the limit is {cfg.max_samples}",
+            )
+        texts = []
+        for i, raw in enumerate(body.samples):
+            text = json.dumps(raw, ensure_ascii=False)
+            if len(text) > cfg.max_chars:
+                raise APIError(
+                    422,
+                    "sample_too_long",
+                    f"sample {i} has {len(text)} characters (as JSON); the limit is"
+                    f" {cfg.max_chars}",
+                )
+            texts.append(text)
+        return texts
+
+    @staticmethod
+    def _validate(raw: dict, text: str) -> dict | Reject:
+        """The batch job's row validation, plus the UTF-8 check its file reader does."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            given = raw.get("id")
+            sid = str(given) if isinstance(given, str | int) else None
+            detail = f"{INVALID_UTF8}: text is not valid UTF-8 ({e.reason} at {e.start})"
+            return Reject(sid, API_SOURCE, INVALID_UTF8, detail, "")
+        return validate(raw, API_SOURCE)
+
+    async def _run(self, body: ScoreRequest, decide: bool) -> list:
+        texts = self._check_limits(body)
+        cls = SampleDecision if decide else SampleScore
+        rows = [self._validate(raw, t) for raw, t in zip(body.samples, texts, strict=True)]
+        todo = [i for i, r in enumerate(rows) if isinstance(r, dict)]
+        outs = await self.model.score_rows.remote([rows[i] for i in todo]) if todo else []
+        by_index = dict(zip(todo, outs, strict=True))
+        extras = set(body.return_)
+        results = []
+        for i, row in enumerate(rows):
+            if isinstance(row, Reject):
+                err = RowError(reason=row.reason, detail=row.detail)
+                results.append(cls(index=i, sample_id=row.sample_id, error=err))
+                continue
+            out = by_index[i]
+            base = {"index": i, "sample_id": row["sample_id"], "source": row["source"]}
+            if "error" in out:
+                results.append(cls(**base, error=RowError(**out["error"])))
+                continue
+            fields = ["n_tokens", "truncated", "nll", "gate", "q", *sorted(extras)]
+            if decide:
+                fields += ["score", "cluster", "selected", "margin"]
+            results.append(cls(**base, **{k: _finite(out[k]) for k in fields}))
+        return results
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def _abs(path: str | None) -> str | None:
+    return path if path is None or "://" in path else os.path.abspath(path)
+
+
+def build(cfg: ServeConfig, loader: Callable | None = None) -> serve.Application:
+    """The application graph for ``cfg``; ``loader`` replaces load_gated_model (tests)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(
+        cfg,
+        run_dir=_abs(cfg.run_dir),
+        reference=_abs(cfg.reference),
+        scores=_abs(cfg.scores),
+        base_model=_abs(cfg.base_model),
+        gates=_abs(cfg.gates),
+        api_key_file=_abs(cfg.api_key_file),
+    )
+    scaling = (
+        {"autoscaling_config": dict(cfg.model_autoscaling)}
+        if cfg.model_autoscaling
+        else {"num_replicas": cfg.model_replicas}
+    )
+    model = QGateModel.options(
+        max_ongoing_requests=cfg.model_max_ongoing_requests,
+        # one access-log line per *sample* call would cost more than the call; the ingress
+        # logs each HTTP request
+        logging_config={"enable_access_log": False},
+        ray_actor_options={"num_cpus": cfg.model_num_cpus, "num_gpus": cfg.model_num_gpus},
+        **scaling,
+    ).bind(cfg, loader)
+    return QGateAPI.options(
+        num_replicas=cfg.ingress_replicas,
+        max_ongoing_requests=cfg.ingress_max_ongoing_requests,
+        ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
+    ).bind(model, cfg)
+
+
+def serve_config(args: dict | None) -> ServeConfig:
+    """ServeConfig from a config.yaml ``args:`` mapping or ``serve run`` key=value strings.
+
+    String values are parsed as YAML scalars (so ``max_samples=8`` is an int); dotted keys
+    are not used. Unknown keys and bad values raise ConfigError naming the key.
+    """
+    args = dict(args or {})
+    typed = {k: v for k, v in args.items() if not isinstance(v, str)}
+    strings = [f"{k}={v}" for k, v in args.items() if isinstance(v, str)]
+    return build_config(ServeConfig, apply_overrides(typed, strings))
+
+
+def build_app(args: dict | None = None) -> serve.Application:
+    """Application builder for ``import_path: serve.app:build_app`` with ``args:``."""
+    try:
+        cfg = serve_config(args)
+    except ConfigError as e:
+        raise ValueError(f"serve.app args: {e}") from None
+    return build(cfg)
+
+
+app = build_app({})
+"""The default application (RUN = runs/demo), for ``import_path: serve.app:app``."""
