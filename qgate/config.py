@@ -267,10 +267,12 @@ class SelectConfig:
     """The scored corpus, to join selected rows back (same paths as the score stage)."""
     output: str | None = None
     """Default RUN/selection."""
-    method: Literal[SELECT_METHODS] = "quality_gate"
-    signals: list[str] = field(default_factory=lambda: ["gate", "perplexity", "ifd"])
+    method: Literal[SELECT_METHODS] = "worst_rank"
+    """Default: worst_rank over perplexity and IFD ranked within each source, the winner of
+    bench/quality.py (BENCHMARKS.md, "Selection quality"); every other method stays selectable."""
+    signals: list[str] = field(default_factory=lambda: ["perplexity", "ifd"])
     """Signals joined by worst_rank / rank_mean (gate, perplexity, ifd, length)."""
-    calibration: Literal["pool", "source"] = "pool"
+    calibration: Literal["pool", "source"] = "source"
     """worst_rank / rank_mean: rank each signal within the whole pool, or within the sample's
     own source (perplexity and IFD levels differ by task and source)."""
     calibration_min_rows: int = 200
@@ -285,7 +287,7 @@ class SelectConfig:
     ppl_band: list[float] | None = None
     """perplexity method: keep rows whose nll quantile lies in [lo, hi]."""
     diversity: bool | None = None
-    """Cluster then round-robin (default: on for quality_gate and combined methods)."""
+    """Cluster then round-robin (default: on for quality_gate, off for combined methods)."""
     features: Literal["embedding", "gate"] = "embedding"
     k: int | None = None
     """Clusters; None chooses k by silhouette over [k_min, k_max] on a sample."""
@@ -316,10 +318,12 @@ class SelectConfig:
 
     @property
     def use_diversity(self) -> bool:
-        """Diversity is on by default for the gate and the combined methods."""
+        """Diversity is on by default for quality_gate only. The combined methods default to
+        global rank: round-robin over clusters took 2-3x more noise into the selection in
+        bench/quality.py (BENCHMARKS.md), as clusters that are mostly noise get equal turns."""
         if self.diversity is not None:
             return self.diversity
-        return self.method in ("quality_gate", "worst_rank", "rank_mean")
+        return self.method == "quality_gate"
 
 
 LOCAL_TASK = "qgate_synth"
@@ -569,8 +573,38 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+PATH_FIELDS = {
+    "run_dir", "base_model", "gates", "corpus", "target", "output", "scores", "storage_path",
+    "target_model", "data", "model", "adapter", "test_data", "task_dir", "include_path",
+    "reference", "api_key_file",
+}  # fmt: skip
+ROOT_ENV = "QGATE_ROOT"
+
+
+def _absolute(value, root: str):
+    if isinstance(value, list):
+        return [_absolute(v, root) for v in value]
+    if not isinstance(value, str) or not value or value == "auto" or "://" in value:
+        return value
+    return os.path.normpath(os.path.join(root, os.path.expanduser(value)))
+
+
+def resolve_paths(data: dict) -> dict:
+    """Make relative local paths absolute, against $QGATE_ROOT or else the current directory.
+
+    Ray Train workers do not run in the driver's directory, and a `ray job submit` job runs
+    in an uploaded copy of the working dir without runs/ or data/: set QGATE_ROOT to the
+    directory the paths are relative to (the README shows how).
+    """
+    root = os.environ.get(ROOT_ENV) or os.getcwd()
+    return {k: _absolute(v, root) if k in PATH_FIELDS else v for k, v in data.items()}
+
+
 def load_config(cls, path: str | None = None, overrides: list[str] | None = None):
-    """Read a YAML config (optional) plus overrides into dataclass ``cls``."""
+    """Read a YAML config (optional) plus overrides into dataclass ``cls``.
+
+    Relative paths are made absolute (see :func:`resolve_paths`).
+    """
     data = {}
     if path:
         if not os.path.isfile(path):
@@ -579,7 +613,7 @@ def load_config(cls, path: str | None = None, overrides: list[str] | None = None
             data = yaml.safe_load(f) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
-    return build(cls, apply_overrides(data, overrides or []))
+    return build(cls, resolve_paths(apply_overrides(data, overrides or [])))
 
 
 def to_dict(cfg) -> dict:

@@ -97,22 +97,12 @@ def head():
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _submit(address, env, submission_id, *args):
-    cmd = [
-        RAY,
-        "job",
-        "submit",
-        "--address",
-        address,
-        "--working-dir",
-        REPO,
-        "--submission-id",
-        submission_id,
-        "--",
-        "python",
-        "-m",
-        *args,
-    ]
+def _submit(address, env, submission_id, *args, root=None):
+    cmd = [RAY, "job", "submit", "--address", address, "--working-dir", REPO]
+    cmd += ["--submission-id", submission_id]
+    if root:  # relative config paths resolve against QGATE_ROOT, as the README shows
+        cmd += ["--runtime-env-json", json.dumps({"env_vars": {"QGATE_ROOT": root}})]
+    cmd += ["--", "python", "-m", *args]
     r = None
     for _ in range(5):  # the job agent can take a few seconds after the head answers
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -130,7 +120,7 @@ def test_warmup_and_score_jobs_via_cli(head, tiny_model, corpus, tmp_path):
     small = [
         f"base_model={tiny_model}",
         f"corpus={corpus['pool']}",
-        f"run_dir={run}",
+        "run_dir=run",  # relative: must land under QGATE_ROOT
         "max_length=96",
     ]
     r = _submit(
@@ -145,6 +135,7 @@ def test_warmup_and_score_jobs_via_cli(head, tiny_model, corpus, tmp_path):
         "batch_size=4",
         "checkpoint_every=4",
         "report_every=2",
+        root=str(tmp_path),
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "warmup done: 4 steps" in r.stdout
@@ -157,9 +148,10 @@ def test_warmup_and_score_jobs_via_cli(head, tiny_model, corpus, tmp_path):
         "--config",
         "jobs/configs/score.yaml",
         *small,
-        f"gates={run}/warmup",
+        "gates=run/warmup",
         "batch_tokens=4096",
         "actors.num_cpus=1",
+        root=str(tmp_path),
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     with open(os.path.join(run, "scores", "_manifest.json")) as f:
