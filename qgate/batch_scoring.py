@@ -472,6 +472,14 @@ def _run_pipeline(cfg, gates, todo, expected, out, schema, scoring) -> None:
     from qgate.model import resolve_base
 
     fault = _fault()  # test-only fault injection, read on the driver
+    cpus = ray.cluster_resources().get("CPU", 0)
+    need = cfg.actors.min_size * cfg.actors.num_cpus + cfg.read_num_cpus
+    if cfg.actors.num_gpus == 0 and cpus < need:
+        raise ScoringError(
+            f"the actor pool ({cfg.actors.min_size} x {cfg.actors.num_cpus} CPU) plus a reader "
+            f"({cfg.read_num_cpus} CPU) need {need} CPUs but Ray has {cpus}: reads would never "
+            "run. Lower actors.num_cpus or actors.min_size, or give Ray more CPUs"
+        )
     base_dir = resolve_base(cfg.base_model)
     ds = ray.data.from_items(todo, override_num_blocks=len(todo)).flat_map(
         read_shard,
