@@ -16,10 +16,15 @@ import signal
 import sys
 import time
 
-import yaml
-
 from jobs.common import init_ray
-from qgate.config import ConfigError, ServeConfig, apply_overrides, build
+from qgate.config import (
+    ConfigError,
+    ServeConfig,
+    apply_overrides,
+    build,
+    read_yaml,
+    resolve_paths,
+)
 
 DEFAULT_HTTP = {"host": "127.0.0.1", "port": 8000, "request_timeout_s": 60.0}
 
@@ -37,12 +42,7 @@ def load(path: str | None, overrides: list[str]) -> tuple[ServeConfig, dict]:
     """(ServeConfig, http_options) from a Serve config or a ServeConfig mapping + overrides."""
     data, http = {}, dict(DEFAULT_HTTP)
     if path:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
+        data = read_yaml(path)
         if "applications" in data:
             apps = [
                 a
@@ -53,7 +53,7 @@ def load(path: str | None, overrides: list[str]) -> tuple[ServeConfig, dict]:
                 raise ConfigError(f"{path}: expected one application with import_path serve.app:*")
             http.update(data.get("http_options") or {})
             data = apps[0].get("args") or {}
-    return build(ServeConfig, apply_overrides(data, overrides)), http
+    return build(ServeConfig, resolve_paths(apply_overrides(data, overrides))), http
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -605,15 +605,19 @@ def load_config(cls, path: str | None = None, overrides: list[str] | None = None
 
     Relative paths are made absolute (see :func:`resolve_paths`).
     """
-    data = {}
-    if path:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
+    data = read_yaml(path) if path else {}
     return build(cls, resolve_paths(apply_overrides(data, overrides or [])))
+
+
+def read_yaml(path: str) -> dict:
+    """A YAML config file's top-level mapping (clear errors for a missing file or a list)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
 
 
 def to_dict(cfg) -> dict:

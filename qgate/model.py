@@ -221,16 +221,12 @@ def resolve_base(path: str) -> str:
     return path
 
 
-def check_base(path: str) -> str:
-    """Fail fast (no weights loaded) unless ``path`` holds a gateable decoder causal LM.
+def causal_lm_config(path: str, what: str = "base model"):
+    """The HF config of a causal LM directory; clear errors for anything else (no weights read)."""
+    from transformers import AutoConfig
 
-    Returns the model type. Builds the architecture on the meta device to check its layers.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = resolve_base(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"base model directory not found: {path}")
+        raise FileNotFoundError(f"{what} directory not found: {path}")
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -240,6 +236,17 @@ def check_base(path: str) -> str:
             f"{path} holds a {config.model_type!r} model ({config.architectures}), "
             "not a decoder causal LM"
         )
+    return config
+
+
+def check_base(path: str) -> str:
+    """Fail fast (no weights loaded) unless ``path`` holds a gateable decoder causal LM.
+
+    Returns the model type. Builds the architecture on the meta device to check its layers.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = causal_lm_config(resolve_base(path))
     with torch.device("meta"):
         decoder_layers(AutoModelForCausalLM.from_config(config))
     return config.model_type

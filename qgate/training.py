@@ -199,20 +199,9 @@ def check_target_model(path: str) -> str:
     Returns the model type. Any ``*ForCausalLM`` architecture is accepted: the finetune
     target need not be a gateable decoder.
     """
-    from transformers import AutoConfig
+    from qgate.model import causal_lm_config
 
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"target model directory not found: {path}")
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a HF model directory: {e}") from None
-    if not any(a.endswith("ForCausalLM") for a in (config.architectures or [])):
-        raise ValueError(
-            f"{path} holds a {config.model_type!r} model ({config.architectures}), "
-            "not a causal LM; finetune needs an AutoModelForCausalLM checkpoint"
-        )
-    return config.model_type
+    return causal_lm_config(path, "target model").model_type
 
 
 def load_finetune_rows(cfg: FinetuneConfig, tokenizer) -> list[dict]:

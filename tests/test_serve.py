@@ -50,7 +50,9 @@ def artifacts(tmp_path_factory, corpus, tiny_model, ray_session):
         rows_per_shard=240,
     )
     run_scoring(score_cfg)
-    run_selection(SelectConfig(run_dir=run, corpus=[pool], k=4, report=False))
+    run_selection(
+        SelectConfig(run_dir=run, corpus=[pool], method="quality_gate", k=4, report=False)
+    )
     scores = pq.read_table(os.path.join(run, "scores")).to_pylist()
     selection = pq.read_table(os.path.join(run, "selection", "selection.parquet")).to_pylist()
     key_file = os.path.join(run, "api.key")
