@@ -308,11 +308,50 @@ def hash_uniform(sample_ids: Iterable[str], seed: int) -> np.ndarray:
     return np.asarray(out, dtype=np.float64)
 
 
+def _source_groups(sources) -> Iterator[tuple[str, np.ndarray]]:
+    """(source name, row indices) for each distinct source, in name order."""
+    src = np.asarray([str(s) for s in sources], dtype=object)
+    names, inverse = np.unique(src, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.searchsorted(inverse[order], np.arange(names.size + 1))
+    for code, name in enumerate(names.tolist()):
+        yield name, order[bounds[code] : bounds[code + 1]]
+
+
+def source_quantile_tables(
+    cols: dict, signals: Sequence[str], min_rows: int
+) -> dict[str, dict[str, list[float]]]:
+    """Per-source percentile tables of each signal, for sources with at least ``min_rows``
+    rows that have every signal; smaller sources are left to the pool-wide tables."""
+    values = {s: signal_values(s, cols) for s in signals}
+    ok = np.logical_and.reduce([np.isfinite(v) for v in values.values()])
+    tables = {}
+    for name, idx in _source_groups(cols["source"]):
+        if int(ok[idx].sum()) >= min_rows:
+            tables[name] = {s: quantile_table(values[s][idx], s) for s in signals}
+    return tables
+
+
+def signal_percentiles(name: str, cols: dict, reference: dict) -> np.ndarray:
+    """Percentile of signal ``name`` for each row: within the row's own source when the
+    reference holds that source's table (calibration 'source'), else within the whole pool."""
+    values = signal_values(name, cols)
+    out = percentiles(values, reference["quantiles"][name])
+    by_source = reference.get("quantiles_by_source")
+    if by_source:
+        for source, idx in _source_groups(cols["source"]):
+            tables = by_source.get(source)
+            if tables is not None:
+                out[idx] = percentiles(values[idx], tables[name])
+    return out
+
+
 def method_scores(cols: dict, reference: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(score, percentiles per signal) for rows in ``cols``, as ``reference`` defines them.
 
-    ``cols`` maps q / nll / ifd (NaN = null) / n_loss_tokens / sample_id to arrays. The score
-    is NaN for rows that are not candidates. Pool selection and :func:`decide` both call this.
+    ``cols`` maps q / nll / ifd (NaN = null) / n_loss_tokens / sample_id / source to arrays.
+    The score is NaN for rows that are not candidates. Pool selection and :func:`decide` both
+    call this.
     """
     method = reference["method"]
     pct: dict[str, np.ndarray] = {}
@@ -330,7 +369,7 @@ def method_scores(cols: dict, reference: dict) -> tuple[np.ndarray, dict[str, np
         score = hash_uniform(cols["sample_id"], reference["seed"])
     elif method in COMBINED_METHODS:
         for s in reference["signals"]:
-            pct[s] = percentiles(signal_values(s, cols), reference["quantiles"][s])
+            pct[s] = signal_percentiles(s, cols, reference)
         parts = [pct[s] for s in reference["signals"]]
         score = parts[0].copy()
         for part in parts[1:]:  # NaN (a missing signal) propagates: not a candidate
@@ -634,6 +673,8 @@ def compute_selection(cfg: SelectConfig, scores_dir: str | None = None) -> Selec
         "eps": cfg.eps,
         "seed": cfg.seed,
         "quantiles": {},
+        "calibration": cfg.calibration if method in COMBINED_METHODS else None,
+        "quantiles_by_source": None,
         "ppl_band": None,
         "diversity": diversity,
         "features": cfg.features if diversity else None,
@@ -668,6 +709,17 @@ def compute_selection(cfg: SelectConfig, scores_dir: str | None = None) -> Selec
     # through the reference exactly as a new sample will be.
     if method in COMBINED_METHODS:
         ref["quantiles"] = {s: quantile_table(signal_values(s, cols), s) for s in signals}
+        if cfg.calibration == "source":
+            ref["quantiles_by_source"] = source_quantile_tables(
+                cols, signals, cfg.calibration_min_rows
+            )
+            small = sorted(set(cols["source"].astype(str)) - set(ref["quantiles_by_source"]))
+            if small:
+                log.info(
+                    "sources with fewer than %d rows use pool-wide percentiles: %s",
+                    cfg.calibration_min_rows,
+                    small[:10],
+                )
     if method == "perplexity" and cfg.ppl_band is not None:
         lo, hi = cfg.ppl_band
         finite = cols["nll"][np.isfinite(cols["nll"])]
@@ -788,6 +840,7 @@ def _sample_columns(samples: Sequence[dict], reference: dict) -> dict:
         "ifd": floats("ifd"),
         "n_loss_tokens": floats("n_loss_tokens", np.float64),
         "sample_id": [str(s.get("sample_id")) for s in samples],
+        "source": [str(s.get("source")) for s in samples],
     }
     has_gate = all(s.get("gate") is not None for s in samples)
     stats = ColumnStats.from_dict(reference["stats"])
@@ -805,7 +858,10 @@ def decide(reference: dict, samples: Sequence[dict]) -> list[dict]:
 
     ``samples`` are per-sample stats dicts with keys nll, gate (list of L floats), embedding
     (list of D floats), ifd (or None), n_loss_tokens (and sample_id for method random); only
-    the keys the reference's method and features need are required. Returns, per sample,
+    the keys the reference's method and features need are required. With a reference whose
+    calibration is 'source', a sample's optional ``source`` picks the percentile tables of
+    that source; a sample without one, or from a source the pool had too few rows of, is
+    ranked against the whole pool (as the pool's own rows of such sources were). Returns, per sample,
     ``{q, score, cluster, selected, margin}``: selected means score >= the cutoff of the
     sample's cluster (the global cutoff without diversity); margin = score - cutoff.
 

@@ -1,0 +1,866 @@
+"""Selection quality: does the gate pick better data than the baselines? (issue 7)
+
+    python bench/quality.py [--n-pool 20000] [--seed 0] [--families F ...] [--budgets 0.1 0.3]
+        [--steps 300] [--downstream | --no-downstream] [--seeds 0 1] [--out DIR] [--tiny]
+
+Everything runs through the real stages, in one embedded Ray session:
+
+1. a labelled synthetic corpus (``qgate.synthetic.generate_corpus``): pool with ~30% noise of
+   seven kinds, target and test splits, and a pretrain split that holds loops, refusals and
+   swapped answers (the "realistic" web text);
+2. the tiny stand-in base (``build_stand_in``), pretrained on that split (realistic), and a
+   second one pretrained on its clean rows only (clean-only);
+3. per gate variant (probe+linear, mix+linear, probe+target_balanced): warmup on Ray Train
+   (``jobs.warmup.run``) and scoring on Ray Data (``qgate.batch_scoring.run_scoring``);
+4. per method and budget: ``qgate.selection.compute_selection``; the noise labels are read
+   only here, by ``qgate.report.label_metrics`` (AUROC clean vs noisy, noise shares).
+
+Downstream (main corpus, realistic base, the largest budget): the stand-in is LoRA-finetuned
+(``jobs.finetune.run``) on the selections of the best methods, of random, and on the full pool,
+with the same number of steps, and scored by exact match on the test split with the lm-eval
+local task (``qgate.evaluation.evaluate``), once per ``--seeds`` entry.
+
+Generalisation: steps 1-4 again on a corpus with another seed and another family mix (and
+other target families), which no setting here was tuned on.
+
+Writes OUT/quality.md (the table), OUT/quality.json (every number) and prints the table.
+Stage outputs live under OUT as well; the bench never reuses them (a re-run starts clean).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # `python bench/quality.py` from anywhere
+    sys.path.insert(0, REPO)
+
+# Families of the main corpus and of the generalisation corpus (its first three are its
+# target families, as generate_corpus defines them).
+MAIN_FAMILIES = (
+    "arithmetic",
+    "sort",
+    "date_format",
+    "reverse",
+    "count_letter",
+    "capital",
+    "world_qa",
+    "uppercase",
+)
+GEN_FAMILIES = ("max_list", "count_items", "reverse", "capital", "uppercase", "sort")
+NOISE_ORDER = (
+    "gibberish",
+    "wrong_answer",
+    "truncated",
+    "copied",
+    "repetition",
+    "near_duplicate",
+    "refusal",
+)
+NOISE_SHORT = ("gib", "wrong", "trunc", "copied", "rep", "dup", "refus")
+
+
+@dataclass(frozen=True)
+class GateVariant:
+    """One warmup recipe: gate mode and quality loss."""
+
+    name: str
+    mode: str
+    loss: str
+
+
+GATES = {
+    "probe_linear": GateVariant("probe_linear", "probe", "linear"),
+    "mix_linear": GateVariant("mix_linear", "mix", "linear"),
+    "probe_target": GateVariant("probe_target", "probe", "target_balanced"),
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the table: a SelectConfig setting on the scores of one gate variant.
+
+    Baselines and combined methods read the probe+linear scores: probe gates leave the
+    logits equal to the base model's, so nll and IFD there are the base model's.
+    """
+
+    name: str
+    gate: str
+    select: dict = field(default_factory=dict)
+
+
+GATE_PPL_IFD = ["gate", "perplexity", "ifd"]
+PPL_IFD = ["perplexity", "ifd"]
+METHODS = (
+    # baselines
+    Method("random", "probe_linear", {"method": "random"}),
+    Method("length", "probe_linear", {"method": "length"}),
+    Method("perplexity", "probe_linear", {"method": "perplexity"}),
+    Method("ifd", "probe_linear", {"method": "ifd"}),
+    # the gate alone: the original recipe (probe+linear), mix mode, a target-trained gate
+    Method("gate probe+linear", "probe_linear", {"method": "quality_gate", "diversity": False}),
+    Method("gate probe+linear +div", "probe_linear", {"method": "quality_gate", "diversity": True}),
+    Method("gate mix+linear", "mix_linear", {"method": "quality_gate", "diversity": False}),
+    Method("gate mix+linear +div", "mix_linear", {"method": "quality_gate", "diversity": True}),
+    Method("gate probe+target", "probe_target", {"method": "quality_gate", "diversity": False}),
+    Method("gate probe+target +div", "probe_target", {"method": "quality_gate", "diversity": True}),
+    # combined, percentiles over the whole pool
+    Method(
+        "worst_rank(gate,ppl,ifd)",
+        "probe_linear",
+        {
+            "method": "worst_rank",
+            "signals": GATE_PPL_IFD,
+            "calibration": "pool",
+            "diversity": False,
+        },
+    ),
+    Method(
+        "worst_rank(gate,ppl,ifd) +div",
+        "probe_linear",
+        {"method": "worst_rank", "signals": GATE_PPL_IFD, "calibration": "pool", "diversity": True},
+    ),
+    Method(
+        "rank_mean(gate,ppl,ifd)",
+        "probe_linear",
+        {"method": "rank_mean", "signals": GATE_PPL_IFD, "calibration": "pool", "diversity": False},
+    ),
+    Method(
+        "rank_mean(gate,ppl,ifd) +div",
+        "probe_linear",
+        {"method": "rank_mean", "signals": GATE_PPL_IFD, "calibration": "pool", "diversity": True},
+    ),
+    Method(
+        "worst_rank(ppl,ifd)",
+        "probe_linear",
+        {"method": "worst_rank", "signals": PPL_IFD, "calibration": "pool", "diversity": False},
+    ),
+    # combined, percentiles within each source (calibration=source)
+    Method(
+        "worst_rank(gate,ppl,ifd) src",
+        "probe_linear",
+        {
+            "method": "worst_rank",
+            "signals": GATE_PPL_IFD,
+            "calibration": "source",
+            "diversity": False,
+        },
+    ),
+    Method(
+        "worst_rank(target gate,ppl,ifd) src",
+        "probe_target",
+        {
+            "method": "worst_rank",
+            "signals": GATE_PPL_IFD,
+            "calibration": "source",
+            "diversity": False,
+        },
+    ),
+    Method(
+        "worst_rank(ppl,ifd) src",
+        "probe_linear",
+        {"method": "worst_rank", "signals": PPL_IFD, "calibration": "source", "diversity": False},
+    ),
+    Method(
+        "worst_rank(ppl,ifd) src +div",
+        "probe_linear",
+        {"method": "worst_rank", "signals": PPL_IFD, "calibration": "source", "diversity": True},
+    ),
+)
+CLEAN_ONLY_GATES = ("probe_linear",)
+"""The clean-only base runs the methods on probe+linear scores only (baselines, the original
+recipe, the combined methods): the condition exists to show how perplexity changes."""
+
+
+@dataclass
+class Settings:
+    """Sizes and stage settings of one bench run (the defaults, or --tiny)."""
+
+    n_pool: int = 20000
+    n_target: int = 300
+    n_test: int = 300
+    n_pretrain: int = 4000
+    hidden_size: int = 128
+    num_layers: int = 4
+    pretrain_epochs: int = 8
+    warmup_steps: int = 300
+    batch_size: int = 16
+    max_length: int = 128
+    finetune_steps: int = 300
+    finetune_lr: float = 2e-3
+    eval_limit: int | None = None
+    clean_only: bool = True
+    generalisation: bool = True
+    downstream_top: int = 3
+    parallel_gates: bool = False
+    """Run the gate variants' warmup + scoring side by side (threads) instead of in turn."""
+
+
+def tiny_settings() -> Settings:
+    """A run for CI: every method and stage, tiny sizes, one corpus, no downstream."""
+    return Settings(
+        n_pool=400,
+        n_target=40,
+        n_test=40,
+        n_pretrain=300,
+        hidden_size=32,
+        num_layers=2,
+        pretrain_epochs=1,
+        warmup_steps=4,
+        batch_size=8,
+        max_length=96,
+        finetune_steps=4,
+        clean_only=False,
+        generalisation=False,
+        parallel_gates=True,
+    )
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+class Clock:
+    """Wall seconds per named stage (summed over repeated calls)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str, fn, *args, **kw):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kw)
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+def build_bases(corpus: dict, out: str, st: Settings, clock: Clock, seed: int) -> dict[str, str]:
+    """The stand-in pretrained on the realistic pretrain split, and on its clean rows only."""
+    import ray
+
+    from qgate.synthetic import build_stand_in, read_rows
+
+    rows = read_rows(corpus["pretrain"])
+    kw = dict(
+        hidden_size=st.hidden_size,
+        num_layers=st.num_layers,
+        epochs=st.pretrain_epochs,
+        seed=seed,
+        log_every=0,
+    )
+    jobs = {"realistic": (os.path.join(out, "base_realistic"), rows)}
+    if st.clean_only:
+        clean = [r for r in rows if r["noise"] == "clean"]
+        jobs["clean-only"] = (os.path.join(out, "base_clean"), clean)
+    # One single-threaded Ray task per base, side by side: on 2 shared cores one torch
+    # process with 2 threads is many times slower than two with 1 thread each.
+    task = ray.remote(num_cpus=1)(build_stand_in)
+    t0 = time.perf_counter()
+    done = ray.get([task.remote(path, r, **kw) for path, r in jobs.values()])
+    clock.seconds["pretrain"] = clock.seconds.get("pretrain", 0.0) + time.perf_counter() - t0
+    return dict(zip(jobs, done, strict=True))
+
+
+def warmup_and_score(
+    variant: GateVariant, base: str, corpus: dict, run_dir: str, st: Settings, seed: int
+) -> dict:
+    """Warmup (Ray Train) then scoring (Ray Data) for one gate variant; returns dirs + times."""
+    from jobs import warmup as warmup_job
+    from qgate.batch_scoring import run_scoring
+    from qgate.config import Actors, Scaling, ScoreConfig, WarmupConfig
+
+    shutil.rmtree(run_dir, ignore_errors=True)  # never resume a stale Ray Train run
+    wcfg = WarmupConfig(
+        run_dir=run_dir,
+        base_model=base,
+        corpus=[corpus["pool"]],
+        subset_count=st.warmup_steps * st.batch_size,
+        mode=variant.mode,
+        loss=variant.loss,
+        target=[corpus["target"]] if variant.loss == "target_balanced" else [],
+        target_fraction=0.25,
+        balance=0.2,
+        quality_weight=1.0,
+        lr=3e-3,
+        max_steps=st.warmup_steps,
+        batch_size=st.batch_size,
+        max_length=st.max_length,
+        seed=seed,
+        scaling=Scaling(num_workers=1, resources_per_worker={"CPU": 0.5}),
+        checkpoint_every=st.warmup_steps,
+        report_every=max(1, st.warmup_steps // 4),
+        max_failures=0,
+    )
+    t0 = time.perf_counter()
+    summary = warmup_job.run(wcfg)
+    t_warm = time.perf_counter() - t0
+    scfg = ScoreConfig(
+        run_dir=run_dir,
+        base_model=base,
+        corpus=[corpus["pool"]],
+        max_length=st.max_length,
+        ifd=variant.mode == "probe",  # probe logits are the base's: nll and IFD are too
+        actors=Actors(min_size=1, max_size=2, num_cpus=1.0),
+        batch_rows=256,
+        rows_per_shard=5000,
+    )
+    t0 = time.perf_counter()
+    manifest = run_scoring(scfg)
+    t_score = time.perf_counter() - t0
+    return {
+        "scores": manifest["output"],
+        "warmup_s": t_warm,
+        "score_s": t_score,
+        "warmup_last": {k: summary["last"].get(k) for k in ("lm_loss", "quality_loss")},
+        "tokens_per_s": manifest.get("tokens_per_s"),
+    }
+
+
+def target_share(table, family: dict[str, str], targets: set[str]) -> float | None:
+    """Share of the selection whose family is one of the target families."""
+    ids = table.column("sample_id").to_pylist()
+    sel = table.column("selected").to_pylist()
+    chosen = [family.get(i) for i, s in zip(ids, sel, strict=True) if s]
+    return sum(f in targets for f in chosen) / len(chosen) if chosen else None
+
+
+def select_and_measure(
+    method: Method,
+    scores: str,
+    corpus: dict,
+    budgets: list[float],
+    labels: dict,
+    family: dict,
+    targets: set[str],
+    k_cache: dict,
+) -> dict:
+    """AUROC (budget-independent) and, per budget, noise shares and time of one method.
+
+    With diversity, k is chosen by silhouette (the default) on the first selection from a
+    scores directory and passed on to the others: same k-means sample and seed, so the same
+    clusters, without repeating the search.
+    """
+    from qgate.config import SelectConfig
+    from qgate.report import label_metrics
+    from qgate.selection import compute_selection
+
+    row: dict = {"method": method.name, "gate": method.gate, "select": method.select}
+    row["budgets"] = {}
+    for b in budgets:
+        cfg = SelectConfig(
+            scores=scores, corpus=[corpus["pool"]], budget_ratio=b, report=False, **method.select
+        )
+        if cfg.use_diversity and cfg.k is None and scores in k_cache:
+            cfg.k = k_cache[scores]
+        t0 = time.perf_counter()
+        result = compute_selection(cfg)
+        seconds = time.perf_counter() - t0
+        if cfg.use_diversity:
+            k_cache.setdefault(scores, result.reference["k"])
+        m = label_metrics(result.table, labels)
+        row["auroc"], row["auroc_by_type"] = m["auroc"], m["auroc_by_type"]
+        row["budgets"][str(b)] = {
+            "noise_share": m["noise_share_selected"],
+            "type_share": {t: m["selected_share"].get(t, 0.0) for t in NOISE_ORDER},
+            "target_family_share": target_share(result.table, family, targets),
+            "selected": int(result.order.size),
+            "k": result.reference["k"],
+            "select_s": seconds,
+        }
+    return row
+
+
+def run_condition(
+    name: str,
+    corpus: dict,
+    base: str,
+    gates: tuple[str, ...],
+    out: str,
+    st: Settings,
+    budgets: list[float],
+    seed: int,
+    targets: set[str],
+) -> dict:
+    """All gate variants and methods on one (corpus, base) pair."""
+    from qgate.report import read_labels
+
+    print(f"\n=== {name}: warmup + scoring for {', '.join(gates)}", flush=True)
+    args = {g: (GATES[g], base, corpus, os.path.join(out, g), st, seed) for g in gates}
+    if st.parallel_gates:  # side by side: hides Ray start-up latency on tiny runs
+        # transformers resolves its lazy attributes on first use, which is not thread-safe
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+        import jobs.warmup  # noqa: F401
+        import qgate.batch_scoring  # noqa: F401
+        import qgate.training  # noqa: F401
+
+        with ThreadPoolExecutor(len(gates)) as pool:
+            futures = {g: pool.submit(warmup_and_score, *a) for g, a in args.items()}
+            runs = {g: f.result() for g, f in futures.items()}
+    else:
+        runs = {g: warmup_and_score(*a) for g, a in args.items()}
+    for g, r in runs.items():
+        print(f"[{name}] {g}: warmup {r['warmup_s']:.1f}s score {r['score_s']:.1f}s", flush=True)
+    labels = read_labels([corpus["pool"]], "noise")
+    family = read_labels([corpus["pool"]], "family")
+    pool_share = {t: 0.0 for t in NOISE_ORDER}
+    for lab in labels.values():
+        if lab in pool_share:
+            pool_share[lab] += 1 / len(labels)
+    pool_targets = sum(f in targets for f in family.values()) / len(family)
+    rows, k_cache = [], {}
+    for method in METHODS:
+        if method.gate not in gates:
+            continue
+        r = select_and_measure(
+            method, runs[method.gate]["scores"], corpus, budgets, labels, family, targets, k_cache
+        )
+        r["warmup_s"], r["score_s"] = runs[method.gate]["warmup_s"], runs[method.gate]["score_s"]
+        rows.append(r)
+        top = r["budgets"][str(budgets[-1])]
+        print(
+            f"[{name}] {method.name:32s} AUROC {r['auroc']:.3f} "
+            f"noise@{budgets[-1]:g} {100 * top['noise_share']:.1f}%",
+            flush=True,
+        )
+    return {
+        "condition": name,
+        "base": base,
+        "runs": runs,
+        "rows": rows,
+        "pool_noise_share": sum(pool_share.values()),
+        "pool_type_share": pool_share,
+        "pool_target_family_share": pool_targets,
+    }
+
+
+# ----------------------------------------------------------------------------- downstream
+
+
+def finetune_and_eval(
+    data: str, base: str, test: str, run_dir: str, st: Settings, seed: int
+) -> dict:
+    """LoRA-finetune the stand-in on ``data`` and score exact match on ``test`` (lm-eval)."""
+    from jobs import finetune as finetune_job
+    from qgate.config import EvaluateConfig, FinetuneConfig, Lora, Scaling
+    from qgate.evaluation import evaluate
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    fcfg = FinetuneConfig(
+        run_dir=run_dir,
+        target_model=base,
+        data=[data],
+        lr=st.finetune_lr,
+        schedule="cosine",
+        warmup_ratio=0.05,
+        max_steps=st.finetune_steps,
+        batch_size=st.batch_size,
+        max_length=st.max_length,
+        seed=seed,
+        lora=Lora(r=16, alpha=32.0, dropout=0.05, target_modules=["all-linear"]),
+        scaling=Scaling(num_workers=1, resources_per_worker={"CPU": 0.5}),
+        checkpoint_every=st.finetune_steps,
+        report_every=max(1, st.finetune_steps // 4),
+        max_failures=0,
+    )
+    t0 = time.perf_counter()
+    summary = finetune_job.run(fcfg)
+    t_ft = time.perf_counter() - t0
+    ecfg = EvaluateConfig(
+        run_dir=run_dir,
+        model=base,
+        adapter=summary["adapter"],
+        test_data=test,
+        batch_size=32,
+        max_gen_toks=32,
+        limit=st.eval_limit,
+        device="cpu",
+        seed=seed,
+        log_samples=False,
+    )
+    t0 = time.perf_counter()
+    res = evaluate(ecfg)
+    t_ev = time.perf_counter() - t0
+    return {
+        "exact_match": res["tasks"]["qgate_synth"]["exact_match"],
+        "n_docs": res["tasks"]["qgate_synth"].get("n_docs"),
+        "finetune_s": t_ft,
+        "eval_s": t_ev,
+        "lm_loss": summary["last"].get("lm_loss"),
+    }
+
+
+def base_exact_match(base: str, test: str, out: str, st: Settings) -> float:
+    """Exact match of the stand-in before finetuning (reference line)."""
+    from qgate.config import EvaluateConfig
+    from qgate.evaluation import evaluate
+
+    cfg = EvaluateConfig(
+        run_dir=out,
+        model=base,
+        adapter=None,
+        test_data=test,
+        output=os.path.join(out, "eval_base"),
+        batch_size=32,
+        max_gen_toks=32,
+        limit=st.eval_limit,
+        device="cpu",
+        log_samples=False,
+    )
+    return evaluate(cfg)["tasks"]["qgate_synth"]["exact_match"]
+
+
+def pick_downstream(rows: list[dict], budget: float, top: int, default: str | None) -> list[str]:
+    """The ``top`` non-random methods with the lowest noise share at ``budget`` (AUROC breaks
+    ties), plus the package default's row when it is not among them."""
+    key = str(budget)
+    ranked = sorted(
+        (r for r in rows if r["method"] != "random"),
+        key=lambda r: (r["budgets"][key]["noise_share"], -(r["auroc"] or 0.0)),
+    )
+    names = [r["method"] for r in ranked[:top]]
+    if default and default not in names and any(r["method"] == default for r in rows):
+        names.append(default)
+    return names
+
+
+def run_downstream(
+    cond: dict, corpus: dict, out: str, st: Settings, budget: float, seeds: list[int]
+) -> dict:
+    """Finetune + exact match for the best methods, random and the full pool, per seed."""
+    from qgate.config import SelectConfig
+    from qgate.selection import run_selection
+
+    base = cond["base"]
+    default = default_method_name()
+    names = pick_downstream(cond["rows"], budget, st.downstream_top, default)
+    names = [*names, "random"]
+    by_name = {r["method"]: r for r in cond["rows"]}
+    print(f"\n=== downstream at {budget:g}: {names} + full pool, seeds {seeds}", flush=True)
+    results: dict = {"budget": budget, "seeds": seeds, "methods": {}}
+    results["base_exact_match"] = base_exact_match(base, corpus["test"], out, st)
+    for name in [*names, "full pool"]:
+        if name == "full pool":
+            # every scored row (the score stage rejects a few rows finetune would refuse too)
+            m, ratio, noise = Method(name, "probe_linear", {"method": "random"}), 1.0, None
+        else:
+            m, ratio = next(m for m in METHODS if m.name == name), budget
+            noise = by_name[name]["budgets"][str(budget)]["noise_share"]
+        sel_dir = os.path.join(out, "selections", _slug(name))
+        cfg = SelectConfig(
+            scores=cond["runs"][m.gate]["scores"],
+            corpus=[corpus["pool"]],
+            output=sel_dir,
+            budget_ratio=ratio,
+            report=False,
+            **m.select,
+        )
+        s = run_selection(cfg)
+        data, n_rows = os.path.join(sel_dir, "selected.jsonl"), s["selected"]
+        if noise is None:
+            noise = s["label_metrics"]["noise_share_selected"]
+        per_seed = []
+        for seed in seeds:
+            run_dir = os.path.join(out, "finetune", f"{_slug(name)}-s{seed}")
+            per_seed.append(finetune_and_eval(data, base, corpus["test"], run_dir, st, seed))
+            print(
+                f"[downstream] {name:32s} seed {seed}: EM {per_seed[-1]['exact_match']:.3f} "
+                f"(finetune {per_seed[-1]['finetune_s']:.0f}s, eval {per_seed[-1]['eval_s']:.0f}s)",
+                flush=True,
+            )
+        ems = [p["exact_match"] for p in per_seed]
+        results["methods"][name] = {
+            "rows": n_rows,
+            "noise_share": noise,
+            "per_seed": per_seed,
+            "mean": sum(ems) / len(ems),
+            "min": min(ems),
+            "max": max(ems),
+        }
+    return results
+
+
+def _slug(name: str) -> str:
+    keep = "".join(c if c.isalnum() else "_" for c in name)
+    return "_".join(p for p in keep.split("_") if p)
+
+
+def default_method_name() -> str | None:
+    """The table row that equals the package default: SelectConfig()'s method, signals and
+    calibration (for combined methods) and diversity, on the default warmup (probe+linear)."""
+    from qgate.config import SelectConfig, WarmupConfig
+
+    def key(cfg: SelectConfig) -> tuple:
+        combined = cfg.method in ("worst_rank", "rank_mean")
+        return (
+            cfg.method,
+            tuple(cfg.signals) if combined else (),
+            cfg.calibration if combined else None,
+            cfg.use_diversity,
+        )
+
+    default = key(SelectConfig())
+    w = WarmupConfig.__dataclass_fields__
+    gate = GateVariant("", w["mode"].default, w["loss"].default)
+    for m in METHODS:
+        v = GATES[m.gate]
+        if key(SelectConfig(**m.select)) == default and (v.mode, v.loss) == (gate.mode, gate.loss):
+            return m.name
+    return None
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _f(v, fmt="{:.3f}") -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+
+
+def _pct(v) -> str:
+    return _f(None if v is None else 100 * v, "{:.1f}")
+
+
+def selection_table(conditions: list[dict], budgets: list[float]) -> str:
+    """The one markdown table: every condition and method."""
+    types = " / ".join(NOISE_SHORT)
+    head = ["condition", "method", "AUROC", *[f"AUROC {s}" for s in NOISE_SHORT]]
+    for b in budgets:
+        head += [f"noise @{b:g}", f"by type @{b:g} ({types}), %"]
+    head += [f"target fam @{budgets[-1]:g}", "warmup s", "score s", "select s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cond in conditions:
+        lines.append(
+            f"| {cond['condition']} | *pool* | – |"
+            + " – |" * len(NOISE_SHORT)
+            + "".join(
+                f" {_pct(cond['pool_noise_share'])} | "
+                + " ".join(_pct(cond["pool_type_share"][t]) for t in NOISE_ORDER)
+                + " |"
+                for _ in budgets
+            )
+            + f" {_pct(cond['pool_target_family_share'])} | | | |"
+        )
+        for r in cond["rows"]:
+            cells = [cond["condition"], r["method"], _f(r["auroc"])]
+            cells += [_f(r["auroc_by_type"].get(t)) for t in NOISE_ORDER]
+            for b in budgets:
+                bb = r["budgets"][str(b)]
+                cells.append(_pct(bb["noise_share"]))
+                cells.append(" ".join(_pct(bb["type_share"][t]) for t in NOISE_ORDER))
+            top = r["budgets"][str(budgets[-1])]
+            cells.append(_pct(top["target_family_share"]))
+            cells += [_f(r["warmup_s"], "{:.0f}"), _f(r["score_s"], "{:.0f}")]
+            cells.append("/".join(_f(r["budgets"][str(b)]["select_s"], "{:.1f}") for b in budgets))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def downstream_table(ds: dict) -> str:
+    """Exact match on the test split per training set (mean, min..max over seeds)."""
+    seeds = ds["seeds"]
+    head = ["training data", "rows", "noise share", "exact match (mean)", "min..max"]
+    head += [f"seed {s}" for s in seeds]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines.append(
+        "| base model, no finetune | – | – | "
+        + _pct(ds["base_exact_match"])
+        + " | – |"
+        + " – |" * len(seeds)
+    )
+    for name, r in ds["methods"].items():
+        cells = [
+            name,
+            str(r["rows"]),
+            _pct(r["noise_share"]),
+            _pct(r["mean"]),
+            f"{_pct(r['min'])}..{_pct(r['max'])}",
+            *[_pct(p["exact_match"]) for p in r["per_seed"]],
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    """CPU count, RAM and load (other work on the machine skews wall times)."""
+    mem = "?"
+    try:
+        with open("/proc/meminfo") as f:
+            kb = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
+        mem = f"{kb / 2**20:.1f} GiB"
+    except (OSError, StopIteration, ValueError):
+        pass
+    load = os.getloadavg()
+    return (
+        f"{os.cpu_count()} CPUs (nproc), {mem} RAM, {platform.machine()}, "
+        f"Python {platform.python_version()}; load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}"
+    )
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--n-pool", type=int, help="pool rows (default 20000; --tiny 400)")
+    ap.add_argument("--seed", type=int, default=0, help="main corpus and model seed")
+    ap.add_argument("--families", nargs="+", default=list(MAIN_FAMILIES))
+    ap.add_argument("--gen-seed", type=int, default=1, help="generalisation corpus seed")
+    ap.add_argument("--gen-families", nargs="+", default=list(GEN_FAMILIES))
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.3])
+    ap.add_argument("--steps", type=int, help="warmup steps (default 300; --tiny 4)")
+    ap.add_argument("--finetune-steps", type=int, help="LoRA steps downstream (default 300)")
+    ap.add_argument("--downstream", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="finetune seeds")
+    ap.add_argument("--no-clean-only", action="store_true", help="skip the clean-only base")
+    ap.add_argument("--no-generalisation", action="store_true", help="skip the second corpus")
+    ap.add_argument("--out", default=os.path.join(REPO, "runs", "bench_quality"))
+    ap.add_argument("--tiny", action="store_true", help="CI size: tiny, no downstream")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the bench; returns 0. ``argv`` as for the command line (the CI test calls this)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    args = parse_args(argv)
+    st = tiny_settings() if args.tiny else Settings()
+    if args.n_pool:
+        st.n_pool = args.n_pool
+    if args.steps:
+        st.warmup_steps = args.steps
+    if args.finetune_steps:
+        st.finetune_steps = args.finetune_steps
+    st.clean_only = st.clean_only and not args.no_clean_only
+    st.generalisation = st.generalisation and not args.no_generalisation
+    downstream = (not args.tiny) if args.downstream is None else args.downstream
+    budgets = sorted(args.budgets)
+
+    import ray
+    import ray.data
+    import torch
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    # One thread per process: on 2 shared cores, torch with 2 threads in one process is many
+    # times slower than 1 (its threads wait on each other while the other core is busy).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run(args, argv, st, downstream, budgets)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args, argv, st: Settings, downstream: bool, budgets: list[float]) -> int:
+    """The bench proper (main sets up Ray and threads)."""
+    from qgate.synthetic import generate_corpus
+
+    command = "python bench/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    header = [f"$ {command.strip()}", f"machine: {machine()}"]
+    print("\n".join(header), flush=True)
+    t_start = time.perf_counter()
+    os.makedirs(args.out, exist_ok=True)
+    clock = Clock()
+    corpora = [("A", args.seed, args.families)]
+    if st.generalisation:
+        corpora.append(("B", args.gen_seed, args.gen_families))
+    conditions, downstream_result, corpus_info = [], None, {}
+    for tag, seed, families in corpora:
+        cdir = os.path.join(args.out, f"corpus_{tag}")
+        shutil.rmtree(cdir, ignore_errors=True)
+        corpus = clock.run(
+            f"corpus {tag}",
+            generate_corpus,
+            os.path.join(cdir, "data"),
+            seed=seed,
+            n_pool=st.n_pool,
+            n_target=st.n_target,
+            n_test=st.n_test,
+            n_pretrain=st.n_pretrain,
+            families=families,
+        )
+        targets = set(families[:3])
+        corpus_info[tag] = {"seed": seed, "families": list(families), "targets": sorted(targets)}
+        bases = build_bases(corpus, cdir, st, clock, seed)
+        for cname, base in bases.items():
+            gates = tuple(GATES) if cname == "realistic" else CLEAN_ONLY_GATES
+            name = f"{tag} {cname}"
+            cond = clock.run(
+                f"selection {name}",
+                run_condition,
+                name,
+                corpus,
+                base,
+                gates,
+                os.path.join(cdir, cname),
+                st,
+                budgets,
+                seed,
+                targets,
+            )
+            conditions.append(cond)
+            if tag == "A" and cname == "realistic":
+                main_cond, main_corpus, main_dir = cond, corpus, cdir
+    if downstream:  # last: the selection table is complete even if this is cut short
+        downstream_result = clock.run(
+            "downstream",
+            run_downstream,
+            main_cond,
+            main_corpus,
+            os.path.join(main_dir, "downstream"),
+            st,
+            budgets[-1],
+            args.seeds,
+        )
+    wall = time.perf_counter() - t_start
+
+    parts = [
+        *header,
+        "",
+        f"corpora: {json.dumps(corpus_info)}",
+        f"settings: {json.dumps(st.__dict__)}",
+        f"default: SelectConfig() = {default_method_name()}",
+        "",
+        selection_table(conditions, budgets),
+    ]
+    if downstream_result:
+        parts += ["", downstream_table(downstream_result)]
+    stage_s = ", ".join(f"{k} {v:.0f}s" for k, v in clock.seconds.items())
+    parts += ["", f"wall time {wall:.0f}s ({stage_s})"]
+    text = "\n".join(parts) + "\n"
+    print("\n" + text, flush=True)
+    with open(os.path.join(args.out, "quality.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(args.out, "quality.json"), "w") as f:
+        json.dump(
+            {
+                "command": command,
+                "machine": machine(),
+                "settings": st.__dict__,
+                "corpora": corpus_info,
+                "default": default_method_name(),
+                "conditions": conditions,
+                "downstream": downstream_result,
+                "wall_s": wall,
+                "stage_s": clock.seconds,
+            },
+            f,
+            indent=1,
+            default=str,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
