@@ -202,6 +202,7 @@ def test_shipped_evaluate_config_loads():
             "# python -m jobs.evaluate --config jobs/configs/evaluate.yaml"
         )
     cfg = load_config(EvaluateConfig, path)
-    assert (cfg.model, cfg.adapter_dir) == ("runs/demo/base", "runs/demo/finetune/adapter")
-    assert (cfg.test_path, cfg.out_dir) == ("runs/demo/data/test.jsonl", "runs/demo/eval")
+    a = os.path.abspath  # relative config paths resolve against the cwd (or $QGATE_ROOT)
+    assert (cfg.model, cfg.adapter_dir) == (a("runs/demo/base"), a("runs/demo/finetune/adapter"))
+    assert (cfg.test_path, cfg.out_dir) == (a("runs/demo/data/test.jsonl"), a("runs/demo/eval"))
     assert cfg.tasks == ["qgate_synth"] and cfg.offline is True
