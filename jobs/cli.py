@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "synth": ("jobs.synth", "generate the synthetic labelled corpus"),
     "tiny-model": ("jobs.tiny_model", "build (and pretrain) the tiny stand-in Qwen3 base"),
+    "import-model": ("jobs.import_model", "import a pretrained GGUF (file or package) as HF dir"),
     "convert": ("jobs.convert", "write a gated model directory from a HF checkpoint"),
     "warmup": ("jobs.warmup", "stage 1: train the gates on Ray Train"),
     "score": ("jobs.score", "stage 2: score the corpus on Ray Data"),
@@ -22,7 +23,7 @@ COMMANDS = {
 def usage() -> str:
     """Help text listing the sub-commands."""
     lines = ["usage: qgate <command> [args]", "", "commands:"]
-    lines += [f"  {name:<11} {desc}" for name, (_, desc) in COMMANDS.items()]
+    lines += [f"  {name:<13} {desc}" for name, (_, desc) in COMMANDS.items()]
     lines.append("\nEach command takes --help.")
     return "\n".join(lines)
 
