@@ -133,28 +133,22 @@ def direct(run: str, rows: list[dict], threads: int, batch: int) -> dict:
     """In-process score_batch on the same samples with the same thread count: p50 of one
     sample per call, and the per-sample cost of `batch` samples per call (the most that
     batching could gain here, with no serving overhead at all)."""
-    import torch
-
     from qgate.config import ServeConfig
     from qgate.data import validate
-    from qgate.model import load_gated_model
-    from qgate.scoring import projection_matrix, score_batch, tokenize_for_scoring
+    from qgate.scorer import Scorer, ScoringSettings
     from serve.app import resolve_artifacts
 
-    torch.set_num_threads(threads)
     art = resolve_artifacts(ServeConfig(run_dir=run))
-    s = art["scoring"]
-    model, tok, meta = load_gated_model(art["base_model"], gates=art["gates"], device="cpu")
-    proj = projection_matrix(meta.hidden_size, s["embedding_dim"], s["embedding_seed"])
-    kw = dict(pad_id=tok.pad_token_id, alpha=s["alpha"], eps=s["eps"], projection=proj)
-    kw |= dict(batch_tokens=16384, ifd=s["ifd"])
+    scorer = Scorer(
+        art["base_model"], art["gates"], ScoringSettings.from_dict(art["scoring"]), threads=threads
+    )
     only, full, encs = [], [], []
     for raw in rows:
         msgs = validate(raw, "bench")["messages"]
         t = time.perf_counter()
-        enc = tokenize_for_scoring(tok, msgs, s["max_length"], s["loss_on"], s["ifd"])
+        enc = scorer.tokenize(msgs)
         t1 = time.perf_counter()
-        score_batch(model, [enc], **kw)
+        scorer.score([enc])
         t2 = time.perf_counter()
         only.append(t2 - t1)
         full.append(t2 - t)
@@ -162,7 +156,7 @@ def direct(run: str, rows: list[dict], threads: int, batch: int) -> dict:
     t = time.perf_counter()
     groups = [encs[i : i + batch] for i in range(0, len(encs), batch)]
     for g in groups:
-        score_batch(model, g, **kw)
+        scorer.score(g)
     per_sample_batched = (time.perf_counter() - t) / len(encs)
     return {
         "score_batch_p50_ms": 1000 * statistics.median(only),

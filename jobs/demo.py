@@ -109,7 +109,6 @@ def run_demo(run_dir: str, size: dict, seed: int = 0) -> dict:
                 "max_length": 256,
                 "batch_tokens": 8192,
                 "rows_per_shard": 1000,
-                "actors": {"num_cpus": 1.0},
             },
         )
     )

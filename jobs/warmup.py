@@ -32,8 +32,13 @@ def load_rows(cfg: WarmupConfig) -> tuple[list[dict], list[dict]]:
     rows, rejects = read_corpus(cfg.corpus)
     if not rows:
         raise ValueError(f"no usable rows in {cfg.corpus} ({len(rejects)} rejected)")
+    rows = subset(rows, cfg)
+    if cfg.loss == "contrast":  # the second stream: corrupted copies of the pool rows
+        from qgate.corruption import make_negatives
+
+        return rows, make_negatives(rows, cfg.corruptions, cfg.seed)
     targets = read_corpus(cfg.target)[0] if cfg.loss == "target_balanced" else []
-    return subset(rows, cfg), targets
+    return rows, targets
 
 
 def run(cfg: WarmupConfig) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from collections import Counter
 
 import numpy as np
@@ -95,38 +96,28 @@ def plan_shards(paths: list[str], rows_per_shard: int) -> list[dict]:
     return shards
 
 
-# ----------------------------------------------------------------------------- Ray Data UDFs
+# ----------------------------------------------------------------------------- the actor
 
 
-def read_shard(
-    item: dict, tokenizer_path: str, max_length: int, loss_on: str, ifd: bool
-) -> list[dict]:
-    """flat_map UDF: one shard -> one row per input row (tokenized, or a reject with reason)."""
-    from qgate.scoring import tokenize_for_scoring
-    from qgate.training import _tokenizer
+def read_shard(item: dict, scorer) -> list[dict]:
+    """One shard's rows, each tokenized or marked as a reject with a reason (never raises)."""
+    from qgate.data import UNREADABLE_ROW
 
-    tok = _tokenizer(tokenizer_path)
     src = source_name(item["path"])
     out = []
-    empty = np.zeros(0, dtype=np.int64)
     for i, raw in iter_raw(item["path"], item["start"], item["stop"]):
-        row = {"shard": item["shard"], "row_index": i, "reason": "", "detail": "", "excerpt": ""}
-        row |= {
-            "input_ids": empty,
-            "labels": empty,
-            "answer_input_ids": empty,
-            "answer_labels": empty,
-        }
-        row |= {"truncated": False, "n_tokens": 0}
+        row = {"row_index": i, "reason": "", "detail": "", "excerpt": "", "truncated": False}
+        row["n_tokens"] = 0
         got = validate(raw, src, i)
         if isinstance(got, dict):
             row["sample_id"], row["source"] = got["sample_id"], got["source"]
             try:
-                enc = tokenize_for_scoring(tok, got["messages"], max_length, loss_on, ifd)
-                for k, v in enc.items():
-                    row[k] = np.asarray(v, dtype=np.int64) if isinstance(v, list) else v
+                row |= scorer.tokenize(got["messages"])
             except RowError as e:
                 row["reason"], row["detail"] = e.reason, str(e)
+            except Exception as e:  # a tokenizer or chat-template edge case: this row only
+                row["reason"], row["detail"] = UNREADABLE_ROW, f"{UNREADABLE_ROW}: {e!r}"[:500]
+            if row["reason"]:
                 row["excerpt"] = json.dumps(got["messages"], ensure_ascii=False)[:200]
         else:
             row |= {"sample_id": got.sample_id, "source": got.source, "reason": got.reason}
@@ -135,91 +126,108 @@ def read_shard(
     return out
 
 
-class GateScorer:
-    """Ray Data actor: holds the gated model, scores a batch of rows, passes rejects through."""
+class ShardScorer:
+    """Ray Data actor: reads, tokenizes, scores and writes whole shards, one per call.
 
-    def __init__(
-        self, base: str, gates: str | None, scoring: dict, device: str, threads: int, fault=None
-    ):
-        import torch
+    Each shard's parquet files and done-marker are written here, atomically, so scored rows
+    never pass through the driver; it only sees one summary per shard. A retried shard (an
+    actor died mid-shard) is rewritten from scratch under the same names: exactly once.
+    """
 
-        from qgate.model import load_gated_model
-        from qgate.scoring import projection_matrix
+    def __init__(self, base, gates, settings: dict, out: str, runtime: dict, fault=None):
+        from qgate.scorer import Scorer, ScoringSettings
 
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cpu":
-            torch.set_num_threads(threads)
-        self.model, tok, meta = load_gated_model(base, gates=gates, device=device)
-        self.pad_id = tok.pad_token_id
-        self.s = scoring
-        self.projection = projection_matrix(
-            meta.hidden_size, scoring["embedding_dim"], scoring["embedding_seed"]
+        st = ScoringSettings.from_dict(settings)
+        self.scorer = Scorer(
+            base,
+            gates,
+            st,
+            device=runtime["device"],
+            threads=runtime["threads"],
+            batch_tokens=runtime["batch_tokens"],
+            debug_tokens=runtime["debug_tokens"],
         )
-        self.dim = meta.hidden_size if self.projection is None else self.projection.shape[1]
-        self.L = meta.num_layers
+        self.out, self.window = out, runtime["batch_rows"]
+        self.schema = scores_schema(st.num_layers, st.embedding_dim_out, runtime["debug_tokens"])
         self.fault, self.calls = fault or {}, 0
 
     def __call__(self, batch: dict) -> dict:
-        from qgate.scoring import score_batch
+        """Score every shard descriptor in the batch; returns their summaries (JSON strings)."""
+        infos = []
+        for j in range(len(batch["shard"])):
+            self.calls += 1
+            f = self.fault
+            if f.get("exit_after") == self.calls and not os.path.exists(f["marker"]):
+                open(f["marker"], "w").close()
+                os._exit(1)  # test-only fault injection: this actor process dies once
+            item = {k: batch[k][j] for k in ("shard", "path", "start", "stop")}
+            infos.append(json.dumps(self.run_shard(item)))
+        return {"info": np.array(infos, dtype=object)}
 
-        self.calls += 1
-        if self.fault.get("exit_after") == self.calls and not os.path.exists(self.fault["marker"]):
-            open(self.fault["marker"], "w").close()
-            os._exit(1)  # test-only fault injection: this actor process dies once
-        n = len(batch["sample_id"])
-        ok = [i for i in range(n) if not batch["reason"][i]]
-        samples = [
-            {k: batch[k][i] for k in ("input_ids", "labels", "answer_input_ids", "answer_labels")}
-            for i in ok
-        ]
-        stats = score_batch(
-            self.model,
-            samples,
-            pad_id=self.pad_id,
-            alpha=self.s["alpha"],
-            eps=self.s["eps"],
-            batch_tokens=self.s["batch_tokens"],
-            projection=self.projection,
-            ifd=self.s["ifd"],
-            debug_tokens=self.s["debug_tokens"],
-        )
-        out = {
-            k: batch[k]
-            for k in ("shard", "row_index", "sample_id", "source", "reason", "detail", "excerpt")
-        }
-        out["n_tokens"] = np.asarray(batch["n_tokens"], dtype=np.int32)
-        out["truncated"] = np.asarray(batch["truncated"], dtype=bool)
-        out["nll"] = np.full(n, np.nan, dtype=np.float32)
-        out["ifd"] = np.full(n, np.nan, dtype=np.float32)
-        out["n_loss_tokens"] = np.zeros(n, dtype=np.int32)
-        out["gate"] = np.zeros((n, self.L), dtype=np.float32)
-        out["gate_mean"] = np.zeros((n, self.L), dtype=np.float32)
-        out["embedding"] = np.zeros((n, self.dim), dtype=np.float32)
-        for i, st in zip(ok, stats, strict=True):
-            out["nll"][i] = st["nll"]
-            out["ifd"][i] = np.nan if st["ifd"] is None else st["ifd"]
-            out["n_loss_tokens"][i] = st["n_loss_tokens"]
-            out["gate"][i], out["gate_mean"][i], out["embedding"][i] = (
-                st["gate"],
-                st["gate_mean"],
-                st["embedding"],
+    def run_shard(self, item: dict) -> dict:
+        """Read, score and write one shard; returns its summary."""
+        t0 = time.perf_counter()
+        rows = read_shard(item, self.scorer)
+        ok = sorted((r for r in rows if not r["reason"]), key=lambda r: -r["n_tokens"])
+        for s in range(0, len(ok), self.window):  # length-sorted windows: little padding
+            window = ok[s : s + self.window]
+            for row, st in zip(window, score_isolating(self.scorer, window), strict=True):
+                row |= st
+        info = write_shard(self.out, str(item["shard"]), rows, self.schema)
+        info["seconds"] = round(time.perf_counter() - t0, 3)
+        return info
+
+
+def score_isolating(scorer, rows: list[dict], max_poison: int = 8) -> list[dict]:
+    """Score rows; a row on which the model raises or returns non-finite stats is isolated.
+
+    When a batch raises, it is split in halves until the failing rows are found; each one
+    gets ``{"reason": scoring_error}`` and the rest are scored. If more than ``max_poison``
+    rows of the batch fail alone, the fault is not in the data (out of memory, a broken
+    model): the error is raised so the job fails loudly instead of rejecting the corpus.
+    """
+    from qgate.data import SCORING_ERROR
+    from qgate.scorer import finite_stats
+
+    failed = [0]
+
+    def run(part: list[dict]) -> list[dict]:
+        try:
+            stats = scorer.score(part)
+        except Exception as e:
+            if len(part) == 1:
+                failed[0] += 1
+                if failed[0] > max_poison:
+                    raise ScoringError(
+                        f"scoring failed on more than {max_poison} single samples of one batch;"
+                        f" this is not a data problem: {e!r}"
+                    ) from e
+                return [{"reason": SCORING_ERROR, "detail": f"{SCORING_ERROR}: {e!r}"[:500]}]
+            half = len(part) // 2
+            return run(part[:half]) + run(part[half:])
+        out = []
+        for st in stats:
+            if finite_stats(st):
+                out.append(st)
+            else:
+                failed[0] += 1
+                out.append(
+                    {"reason": SCORING_ERROR, "detail": f"{SCORING_ERROR}: non-finite score"}
+                )
+        if failed[0] > max_poison:
+            raise ScoringError(
+                f"more than {max_poison} samples of one batch gave non-finite scores"
             )
-        if self.s["debug_tokens"]:
-            tn = [np.zeros(0, np.float32)] * n
-            tg = [np.zeros((self.L, 0), np.float32)] * n
-            for i, st in zip(ok, stats, strict=True):
-                tn[i], tg[i] = st["token_nll"], st["token_gates"]
-            out["token_nll"] = np.array(tn + [None], dtype=object)[:-1]
-            out["token_gates"] = np.array([list(g) for g in tg] + [None], dtype=object)[:-1]
         return out
+
+    return run(rows)
 
 
 # ----------------------------------------------------------------------------- writing
 
 
 def _write_atomic(table: pa.Table, path: str) -> None:
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"  # unique: a retried shard may race its ghost
     pq.write_table(table, tmp)
     os.replace(tmp, path)
 
@@ -260,12 +268,11 @@ def write_shard(out_dir: str, shard: str, rows: list[dict], schema: pa.Schema) -
         "tokens": int(sum(int(r["n_tokens"]) for r in good)),
         "rejects_by_reason": dict(Counter(r["reason"] for r in bad)),
     }
-    with open(os.path.join(out_dir, SHARDS_DIR, f"{shard}.json.tmp"), "w") as f:
+    marker = os.path.join(out_dir, SHARDS_DIR, f"{shard}.json")
+    tmp = f"{marker}.{uuid.uuid4().hex[:8]}.tmp"
+    with open(tmp, "w") as f:
         json.dump(info, f)
-    os.replace(
-        os.path.join(out_dir, SHARDS_DIR, f"{shard}.json.tmp"),
-        os.path.join(out_dir, SHARDS_DIR, f"{shard}.json"),
-    )
+    os.replace(tmp, marker)
     return info
 
 
@@ -321,17 +328,23 @@ def _reason_counts(reject_paths: list[str]) -> dict:
 # ----------------------------------------------------------------------------- driver
 
 
-def _digests(cfg: ScoreConfig, gates: str | None) -> dict:
-    from qgate.model import GATES_FILE, file_digest, model_digest, resolve_base
+def scoring_dtype(cfg: ScoreConfig) -> str:
+    """The concrete dtype every actor scores in, decided once by the driver and recorded."""
+    import torch
 
-    g = file_digest([os.path.join(gates, GATES_FILE)]) if gates else "fresh-init"
-    return {"model_digest": model_digest(resolve_base(cfg.base_model)), "gates_digest": g}
+    from qgate.hardware import dtype_name, resolve_device, resolve_dtype
+
+    if cfg.actors.num_gpus > 0 or cfg.device.startswith("cuda"):
+        if cfg.dtype == "auto" and not torch.cuda.is_available():  # a CPU-only driver
+            return "bfloat16"
+        return dtype_name(resolve_dtype(cfg.dtype, "cuda"))
+    return dtype_name(resolve_dtype(cfg.dtype, resolve_device(cfg.device)))
 
 
 def run_scoring(cfg: ScoreConfig) -> dict:
     """Score the corpus into RUN/scores (or cfg.output); resumable; returns the manifest."""
-
     from qgate.model import check_base, read_meta, resolve_base
+    from qgate.scorer import ScoringSettings, loaded_digests
 
     check_base(cfg.base_model)
     gates = cfg.gates or os.path.join(cfg.run_dir, "warmup")
@@ -340,7 +353,12 @@ def run_scoring(cfg: ScoreConfig) -> dict:
     if not os.path.isfile(os.path.join(gates, "qgate.json")):
         if cfg.gates:
             raise FileNotFoundError(f"gates directory has no qgate.json: {gates}")
-        gates = None  # no warmup ran: score with freshly initialised gates
+        print(
+            f"[score] warning: no warmup gates at {gates}; scoring with freshly initialised "
+            "gates (perplexity, IFD and embeddings are unaffected; gate scores are untrained)",
+            flush=True,
+        )
+        gates = None
     meta = read_meta(gates) if gates else None
     out = cfg.output or stage_dir(cfg.run_dir, "scores")
     os.makedirs(os.path.join(out, REJECTS_DIR), exist_ok=True)
@@ -350,19 +368,31 @@ def run_scoring(cfg: ScoreConfig) -> dict:
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     paths = expand_paths(cfg.corpus)
     shards = plan_shards(paths, cfg.rows_per_shard)
-    plan = {"shards": shards, **_digests(cfg, gates), "scoring": _scoring_block(cfg, meta)}
+    settings = ScoringSettings.for_model(
+        cfg.base_model,
+        meta,
+        scoring_dtype(cfg),
+        max_length=cfg.max_length,
+        loss_on=cfg.loss_on,
+        alpha=cfg.alpha,
+        eps=cfg.eps,
+        embedding_dim=cfg.embedding_dim,
+        embedding_seed=cfg.embedding_seed,
+        ifd=cfg.ifd,
+    )
+    plan = {"shards": shards, **loaded_digests(cfg.base_model, gates)}
+    plan["scoring"] = settings.to_dict()
     plan_path = os.path.join(out, PLAN_FILE)
     if os.path.isfile(plan_path):
         with open(plan_path) as f:
             old = json.load(f)
         if old != plan:
             raise ScoringError(
-                f"{out} holds scores from a different corpus, model, gates or scoring settings; "
-                "use a new output path (or delete it) to score again"
+                f"{out} holds scores from a different corpus, model, gates or scoring settings "
+                "(dtype included); use a new output path (or delete it) to score again"
             )
     else:
-        with open(plan_path, "w") as f:
-            json.dump(plan, f, indent=1)
+        write_json_atomic(plan_path, plan)
 
     done = {
         s[: -len(".json")] for s in os.listdir(os.path.join(out, SHARDS_DIR)) if s.endswith(".json")
@@ -370,15 +400,12 @@ def run_scoring(cfg: ScoreConfig) -> dict:
     todo = [s for s in shards if s["shard"] not in done]
     expected = {s["shard"]: s["stop"] - s["start"] for s in shards}
     print(
-        f"[score] {len(shards)} shards, {len(done)} already complete, {len(todo)} to score -> {out}",
+        f"[score] {len(shards)} shards, {len(done)} already complete, {len(todo)} to score "
+        f"in {settings.dtype} -> {out}",
         flush=True,
     )
-
-    L = meta.num_layers if meta else _num_layers(cfg.base_model)
-    dim = plan["scoring"]["embedding_dim_out"]
-    schema = scores_schema(L, dim, cfg.debug_tokens)
     if todo:
-        _run_pipeline(cfg, gates, todo, expected, out, schema, plan["scoring"])
+        _run_pipeline(cfg, gates, todo, expected, out, settings)
 
     shard_ids = [s["shard"] for s in shards]
     moved = resolve_duplicates(out, shard_ids)
@@ -412,46 +439,24 @@ def run_scoring(cfg: ScoreConfig) -> dict:
         "gates": os.path.abspath(gates) if gates else None,
         "model_digest": plan["model_digest"],
         "gates_digest": plan["gates_digest"],
+        "dtype": settings.dtype,
         "scoring": plan["scoring"],
         "config": to_dict(cfg),
         "inputs": paths,
         "started_at": started,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    with open(os.path.join(out, MANIFEST_FILE), "w") as f:
-        json.dump(manifest, f, indent=2)
+    write_json_atomic(os.path.join(out, MANIFEST_FILE), manifest)
     manifest["output"] = out
     return manifest
 
 
-def _num_layers(base: str) -> int:
-    from transformers import AutoConfig
-
-    from qgate.model import resolve_base
-
-    return AutoConfig.from_pretrained(resolve_base(base)).num_hidden_layers
-
-
-def _scoring_block(cfg: ScoreConfig, meta) -> dict:
-    """The settings that define a score (Serve must use the same ones)."""
-    from transformers import AutoConfig
-
-    from qgate.model import resolve_base
-
-    hidden = AutoConfig.from_pretrained(resolve_base(cfg.base_model)).hidden_size
-    return {
-        "max_length": cfg.max_length,
-        "loss_on": cfg.loss_on,
-        "alpha": cfg.alpha,
-        "eps": cfg.eps,
-        "embedding_dim": cfg.embedding_dim,
-        "embedding_seed": cfg.embedding_seed,
-        "embedding_dim_out": cfg.embedding_dim or hidden,
-        "hidden_size": hidden,
-        "num_layers": meta.num_layers if meta else _num_layers(cfg.base_model),
-        "gate_mode": meta.mode if meta else "probe",
-        "ifd": cfg.ifd,
-    }
+def write_json_atomic(path: str, obj) -> None:
+    """Write JSON via a unique temp file + rename, so readers never see half a file."""
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
 def _fault() -> dict:
@@ -465,73 +470,71 @@ def _fault() -> dict:
     }
 
 
-def _run_pipeline(cfg, gates, todo, expected, out, schema, scoring) -> None:
+def actor_layout(cfg: ScoreConfig, cluster_cpus: float) -> tuple[float, int]:
+    """(CPUs per actor, torch threads per actor) for the pool.
+
+    ``actors.num_cpus: null`` (the default) gives CPU actors an equal share of the cluster's
+    CPUs (a lone actor on a 2-core box gets both), and GPU actors 1 CPU. Threads default to
+    the CPUs requested (at least 1).
+    """
+    a = cfg.actors
+    if a.num_cpus is not None:
+        cpus = a.num_cpus
+    elif a.num_gpus > 0:
+        cpus = 1.0
+    else:
+        cpus = max(1.0, float(int(cluster_cpus // a.max_size)))
+    if a.num_gpus == 0 and cluster_cpus < a.min_size * cpus:
+        raise ScoringError(
+            f"the actor pool ({a.min_size} x {cpus} CPU) needs {a.min_size * cpus} CPUs but Ray"
+            f" has {cluster_cpus}: it would never start. Lower actors.num_cpus or"
+            " actors.min_size, or give Ray more CPUs"
+        )
+    return cpus, a.threads or max(1, int(cpus))
+
+
+def _run_pipeline(cfg, gates, todo, expected, out, settings) -> None:
     import ray
     import ray.data
 
-    from qgate.model import resolve_base
-
     fault = _fault()  # test-only fault injection, read on the driver
-    cpus = ray.cluster_resources().get("CPU", 0)
-    need = cfg.actors.min_size * cfg.actors.num_cpus + cfg.read_num_cpus
-    if cfg.actors.num_gpus == 0 and cpus < need:
-        raise ScoringError(
-            f"the actor pool ({cfg.actors.min_size} x {cfg.actors.num_cpus} CPU) plus a reader "
-            f"({cfg.read_num_cpus} CPU) need {need} CPUs but Ray has {cpus}: reads would never "
-            "run. Lower actors.num_cpus or actors.min_size, or give Ray more CPUs"
-        )
-    base_dir = resolve_base(cfg.base_model)
-    ds = ray.data.from_items(todo, override_num_blocks=len(todo)).flat_map(
-        read_shard,
-        fn_kwargs={
-            "tokenizer_path": base_dir,
-            "max_length": cfg.max_length,
-            "loss_on": cfg.loss_on,
-            "ifd": cfg.ifd,
-        },
-        num_cpus=cfg.read_num_cpus,
-    )
-    ds = ds.map_batches(
-        GateScorer,
+    cpus, threads = actor_layout(cfg, ray.cluster_resources().get("CPU", 0))
+    runtime = {"device": cfg.device, "threads": threads, "batch_tokens": cfg.batch_tokens}
+    runtime |= {"debug_tokens": cfg.debug_tokens, "batch_rows": cfg.batch_rows}
+    ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
+        ShardScorer,
         fn_constructor_kwargs={
             "base": cfg.base_model,
             "gates": gates,
-            "scoring": {
-                **scoring,
-                "batch_tokens": cfg.batch_tokens,
-                "debug_tokens": cfg.debug_tokens,
-            },
-            "device": cfg.device,
-            "threads": max(1, int(cfg.actors.num_cpus)),
+            "settings": settings.to_dict(),
+            "out": os.path.abspath(out),
+            "runtime": runtime,
             "fault": fault if fault["exit_after"] else None,
         },
         compute=ray.data.ActorPoolStrategy(
             min_size=cfg.actors.min_size, max_size=cfg.actors.max_size
         ),
-        batch_size=cfg.batch_rows,
-        num_cpus=cfg.actors.num_cpus,
+        batch_size=1,  # one shard per call: the unit of writing and of retry
+        num_cpus=cpus,
         num_gpus=cfg.actors.num_gpus,
-        zero_copy_batch=True,
     )
-    pending: dict[str, dict[int, dict]] = {}
-    written = 0
-    names = list(schema.names) + ["shard", "row_index", "reason", "detail", "excerpt"]
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        cols = {k: batch[k] for k in names if k in batch}
-        for j in range(len(cols["sample_id"])):
-            row = {k: v[j] for k, v in cols.items()}
-            row["ifd"] = None if np.isnan(row["ifd"]) else float(row["ifd"])
-            for k in ("shard", "sample_id", "source", "reason", "detail", "excerpt"):
-                row[k] = None if row[k] is None else str(row[k])
-            pending.setdefault(row["shard"], {})[int(row["row_index"])] = row  # retries dedupe
-        for shard in [s for s, rows in pending.items() if len(rows) == expected[s]]:
-            info = write_shard(out, shard, list(pending.pop(shard).values()), schema)
-            written += 1
-            print(
-                f"[score] shard {shard}: {info['scored']} scored, {info['rejected']} rejected",
-                flush=True,
-            )
-            if fault["stop_after_shards"] and written >= fault["stop_after_shards"]:
-                raise ScoringError(f"fault injection: driver stopped after {written} shard(s)")
-    if pending:
-        raise ScoringError(f"rows lost in flight for shards {sorted(pending)}")
+    seen: set[str] = set()
+    t0, rows_done, tokens = time.time(), 0, 0
+    n_rows = sum(expected[s["shard"]] for s in todo)
+    for row in ds.iter_rows():
+        info = json.loads(row["info"])
+        if info["shard"] in seen:  # a retried shard reports twice; its files were replaced
+            continue
+        seen.add(info["shard"])
+        rows_done, tokens = rows_done + info["rows"], tokens + info["tokens"]
+        rate = tokens / max(time.time() - t0, 1e-9)
+        print(
+            f"[score] shard {info['shard']}: {info['scored']} scored, {info['rejected']} "
+            f"rejected ({rows_done}/{n_rows} rows, {rate:.0f} tok/s)",
+            flush=True,
+        )
+        if fault["stop_after_shards"] and len(seen) >= fault["stop_after_shards"]:
+            raise ScoringError(f"fault injection: driver stopped after {len(seen)} shard(s)")
+    missing = sorted(s["shard"] for s in todo if s["shard"] not in seen)
+    if missing:
+        raise ScoringError(f"shards never reported back: {missing[:10]}")

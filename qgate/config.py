@@ -79,6 +79,9 @@ class TrainConfig:
     num_to_keep: int = 2
     device_threads: int | None = None
     """torch threads per worker on CPU (default: CPUs requested, at least 1)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Compute dtype (bf16 autocast, fp32 master weights). auto: bf16 on GPUs and on CPUs
+    with native bf16 (AMX / AVX512-BF16), else fp32."""
 
     def __post_init__(self):
         _check(self.lr > 0, "lr", "must be > 0")
@@ -111,11 +114,22 @@ class WarmupConfig(TrainConfig):
     target: list[str] = field(default_factory=list)
     """Optional target-task corpus, mixed in for loss=target_balanced."""
     target_fraction: float = 0.25
-    """Share of each batch drawn from the target set."""
-    loss: Literal["linear", "target_balanced"] = "linear"
+    """Share of each batch from the second stream: target rows (target_balanced) or
+    corrupted copies of pool rows (contrast)."""
+    loss: Literal["linear", "target_balanced", "contrast"] = "linear"
+    """linear / target_balanced as in DESIGN.md; contrast: gates learn to tell real rows
+    from corrupted copies (qgate/corruption.py), scored exactly as the score stage does."""
     quality_weight: float = 1.0
     balance: float = 0.2
     """target_balanced: pool rows weigh balance*g, target rows (2-balance)*(1-g)."""
+    corruptions: list[str] = field(
+        default_factory=lambda: ["swap", "truncate", "repeat", "shuffle", "char_noise"]
+    )
+    """contrast: the corruption kinds that make negatives."""
+    alpha: float = 1.0
+    """contrast: token-weight exponent; use the score stage's alpha."""
+    gate_bias: bool = True
+    """Gates with a bias (False: the original project's Linear(hidden, 1, bias=False))."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -126,6 +140,13 @@ class WarmupConfig(TrainConfig):
         _check(0 < self.target_fraction < 1, "target_fraction", "must be in (0, 1)")
         if self.loss == "target_balanced":
             _check(bool(self.target), "target", "is required when loss=target_balanced")
+        from qgate.corruption import CORRUPTIONS
+
+        bad = [c for c in self.corruptions if c not in CORRUPTIONS]
+        _check(not bad, "corruptions", f"unknown {bad}; choose from {list(CORRUPTIONS)}")
+        if self.loss == "contrast":
+            _check(bool(self.corruptions), "corruptions", "contrast needs at least one kind")
+            _check(self.mode == "probe", "mode", "contrast trains probe gates (mode=probe)")
 
 
 @dataclass
@@ -193,8 +214,11 @@ class Actors:
 
     min_size: int = 1
     max_size: int = 1
-    num_cpus: float = 1.0
+    num_cpus: float | None = None
+    """CPUs per actor; None: an equal share of the cluster's CPUs on CPU, 1 with GPUs."""
     num_gpus: float = 0.0
+    threads: int | None = None
+    """torch threads per actor on CPU (default: its CPUs, at least 1)."""
 
     def __post_init__(self):
         _check(1 <= self.min_size <= self.max_size, "actors", "need 1 <= min_size <= max_size")
@@ -228,10 +252,11 @@ class ScoreConfig:
     """Cap on padded tokens per forward pass."""
     rows_per_shard: int = 5000
     """Input rows per output shard (the unit of resume)."""
-    read_num_cpus: float = 0.25
     debug_tokens: bool = False
     """Also store token-level nll and gates (large)."""
     device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto: bf16 on GPUs and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32."""
 
     def __post_init__(self):
         _check(bool(self.base_model), "base_model", "is required")
@@ -425,7 +450,9 @@ class ServeConfig:
     check_digests: bool = True
     """Refuse to start when the model/gates differ from those the reference was scored with."""
     device: str = "auto"
-    """'auto' (cuda when visible), 'cpu', 'cuda' or 'cuda:N'; bf16 on GPU, fp32 on CPU."""
+    """'auto' (cuda when visible), 'cpu', 'cuda' or 'cuda:N'."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto: the dtype the reference was scored in; another is refused (scores would differ)."""
     max_batch_size: int = 32
     """Samples per dynamic batch (@serve.batch); 1 turns batching off."""
     batch_wait_timeout_s: float = 0.0

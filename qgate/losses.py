@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-QUALITY_LOSSES = ("linear", "target_balanced")
+QUALITY_LOSSES = ("linear", "target_balanced", "contrast")
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,20 +41,35 @@ def gate_means(gates: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (gates * m).sum(-1) / m.sum(-1).clamp(min=1)
 
 
+def weighted_gates(gates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per-sample, per-layer ``s_l = sum_t w_t g_{l,t}`` (B, L): the score stage's gate score."""
+    return (gates * weights.unsqueeze(1)).sum(-1)
+
+
 def quality_loss(
     gates: torch.Tensor,
     mask: torch.Tensor,
     kind: str = "linear",
     is_target: torch.Tensor | None = None,
     balance: float = 0.2,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The gate quality loss of DESIGN.md.
+    """The gate quality loss of DESIGN.md, plus ``contrast``.
 
     ``linear``: mean over layers of the batch mean of g_bar (pushes gates down).
     ``target_balanced``: pool rows contribute ``balance * g_bar`` and target rows
     ``(2 - balance) * (1 - g_bar)``, so gates open on target-like data.
-    Padding and unscored tokens never count (``mask``).
+    ``contrast``: binary cross-entropy of each layer's score ``s_l`` (token weights
+    ``weights``, exactly as scoring computes it) against 1 for real rows and 0 for corrupted
+    copies (``is_target`` marks the corrupted rows), so a gate's score is its estimate that
+    a row is real. Padding and unscored tokens never count (``mask``).
     """
+    if kind == "contrast":
+        if is_target is None or weights is None:
+            raise ValueError("contrast needs is_target (the corrupted rows) and token weights")
+        s = weighted_gates(gates, weights).clamp(1e-6, 1 - 1e-6)  # (B, L)
+        y = (~is_target.bool()).to(s.dtype).unsqueeze(-1).expand_as(s)
+        return F.binary_cross_entropy(s, y)
     g_bar = gate_means(gates, mask)  # (B, L)
     if kind == "linear":
         return g_bar.mean(0).mean()

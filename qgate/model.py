@@ -1,7 +1,7 @@
 """The quality gate and the one model loader.
 
-A gate is ``Linear(hidden, 1)`` on the input of each decoder layer's MLP (the
-post-attention-normed hidden state); ``g = sigmoid(gate(x))`` per token. It is installed by
+A gate is ``Linear(hidden, 1)`` on the input of each decoder layer's MLP (whatever enters
+it: the post-attention-normed hidden state in Llama/Qwen, the pre-feedforward norm in Gemma3); ``g = sigmoid(gate(x))`` per token. It is installed by
 wrapping each layer's ``mlp`` (composition, no copied modeling code):
 
 - ``probe``: the MLP output is unchanged, so logits equal the base model's exactly;
@@ -27,7 +27,12 @@ META_FILE = "qgate.json"
 
 
 class UnsupportedModelError(ValueError):
-    """The model is not a decoder LM with ``layers[i].mlp`` and ``post_attention_layernorm``."""
+    """The model is not a decoder LM whose ``model.model.layers[i]`` each have an ``mlp`` module.
+
+    The gate wraps ``layer.mlp``, so its input is whatever enters the MLP, whatever the
+    norm before it is called (``post_attention_layernorm`` in Llama/Qwen,
+    ``pre_feedforward_layernorm`` in Gemma3).
+    """
 
 
 @dataclass
@@ -43,22 +48,25 @@ class GateMeta:
     model_type: str = ""
     version: int = 1
     extra: dict | None = None
+    bias: bool = True
+    """Whether each gate has a bias (the original project's gate had none)."""
 
 
 class GatedMLP(nn.Module):
     """Wraps a decoder layer's MLP: computes the per-token gate and applies it in mix mode."""
 
-    def __init__(self, mlp: nn.Module, hidden_size: int, mode: str):
+    def __init__(self, mlp: nn.Module, hidden_size: int, mode: str, bias: bool = True):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"gate mode must be one of {MODES}, got {mode!r}")
         self.mlp = mlp
         self.mode = mode
-        self.qgate = nn.Linear(hidden_size, 1)  # kept in fp32 whatever the model dtype
+        self.qgate = nn.Linear(hidden_size, 1, bias=bias)  # kept in fp32 whatever the model dtype
         self.last_gate: torch.Tensor | None = None  # (B, T) from the latest forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = torch.sigmoid(self.qgate(x.float())).squeeze(-1)  # (B, T)
+        with torch.autocast(x.device.type, enabled=False):  # the gate runs in fp32, always
+            g = torch.sigmoid(self.qgate(x.float())).squeeze(-1)  # (B, T)
         self.last_gate = g
         out = self.mlp(x)
         if self.mode == "mix":
@@ -77,10 +85,10 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             "(Qwen3, Qwen2, Llama, Mistral and similar decoders are supported)"
         )
     for i, layer in enumerate(layers):
-        if not hasattr(layer, "post_attention_layernorm") or not hasattr(layer, "mlp"):
+        if not isinstance(getattr(layer, "mlp", None), nn.Module):
             raise UnsupportedModelError(
-                f"{model_type!r} layer {i} lacks 'mlp' or 'post_attention_layernorm'; "
-                "qgate gates decoders shaped like Qwen3/Qwen2/Llama/Mistral"
+                f"{model_type!r} layer {i} has no 'mlp' module: qgate gates the input of each "
+                "decoder layer's MLP (model.model.layers[i].mlp, as in Qwen3, Llama, Gemma3)"
             )
     return layers
 
@@ -96,8 +104,12 @@ def install_gates(
     bias_init: float | None = None,
     init_std: float = 0.02,
     seed: int = 0,
+    bias: bool = True,
 ) -> GateMeta:
-    """Wrap every decoder layer's MLP with a gate, initialised N(0, init_std) with bias_init."""
+    """Wrap every decoder layer's MLP with a gate, initialised N(0, init_std) with bias_init.
+
+    ``bias=False`` gives the original project's ``Linear(hidden, 1, bias=False)`` gate.
+    """
     if gated_mlps(model):
         raise ValueError("gates are already installed in this model")
     layers = decoder_layers(model)
@@ -106,19 +118,21 @@ def install_gates(
     gen = torch.Generator().manual_seed(seed)
     for layer in layers:
         device = next(layer.mlp.parameters()).device
-        gated = GatedMLP(layer.mlp, hidden, mode)
+        gated = GatedMLP(layer.mlp, hidden, mode, bias=bias)
         with torch.no_grad():
             gated.qgate.weight.copy_(torch.randn(1, hidden, generator=gen) * init_std)
-            gated.qgate.bias.fill_(bias_init)
+            if bias:
+                gated.qgate.bias.fill_(bias_init)
         layer.mlp = gated.to(device)
     return GateMeta(
         mode=mode,
         num_layers=len(layers),
         hidden_size=hidden,
         base_model=str(getattr(model.config, "_name_or_path", "")),
-        bias_init=bias_init,
+        bias_init=bias_init if bias else 0.0,
         init_std=init_std,
         model_type=getattr(model.config, "model_type", ""),
+        bias=bias,
     )
 
 
@@ -130,7 +144,8 @@ def gate_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     params = {}
     for i, m in enumerate(gated_mlps(model)):
         params[f"gate.{i}.weight"] = m.qgate.weight
-        params[f"gate.{i}.bias"] = m.qgate.bias
+        if m.qgate.bias is not None:
+            params[f"gate.{i}.bias"] = m.qgate.bias
     if not params:
         raise ValueError("model has no gates installed")
     return params
@@ -154,14 +169,26 @@ def collect_gates(model: nn.Module) -> torch.Tensor:
     return torch.stack(gates, dim=1)
 
 
-def forward(model: nn.Module, input_ids, attention_mask, return_gates: bool = True, **kw):
+def forward(
+    model: nn.Module,
+    input_ids,
+    attention_mask,
+    return_gates: bool = True,
+    body_only: bool = False,
+    **kw,
+):
     """One forward pass of a gated model; returns ``(outputs, gates (B, L, T) | None)``.
 
+    ``body_only`` runs the decoder without the LM head and returns its final-normed hidden
+    state (B, T, H) as ``outputs``: scoring applies the head itself, only where it is needed.
     Right padding is assumed, and position ids count real tokens, so a sample's outputs do
     not depend on its batch-mates.
     """
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
+    net = model.get_decoder() if body_only else model
+    out = net(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
+    if body_only:
+        out = out.last_hidden_state
     gates = collect_gates(model) if return_gates else None
     for m in gated_mlps(model):
         m.last_gate = None
@@ -197,8 +224,8 @@ def load_gates(model: nn.Module, gates_dir: str) -> None:
     params = gate_parameters(model)
     if set(saved) != set(params):
         raise ValueError(
-            f"gates in {gates_dir} do not fit this model: {len(saved) // 2} saved layers, "
-            f"{len(params) // 2} in the model"
+            f"gates in {gates_dir} do not fit this model: saved {sorted(saved)[:4]}..., "
+            f"the model has {sorted(params)[:4]}... ({len(saved)} vs {len(params)} tensors)"
         )
     with torch.no_grad():
         for k, p in params.items():
@@ -280,6 +307,7 @@ def load_gated_model(
     mode: str = "probe",
     bias_init: float | None = None,
     seed: int = 0,
+    bias: bool = True,
 ):
     """The one loader: base model + installed gates, in eval mode, base frozen.
 
@@ -296,9 +324,11 @@ def load_gated_model(
     for p in model.parameters():
         p.requires_grad_(False)
     if meta is None:
-        meta = install_gates(model, mode=mode, bias_init=bias_init, seed=seed)
+        meta = install_gates(model, mode=mode, bias_init=bias_init, seed=seed, bias=bias)
     else:
-        install_gates(model, mode=meta.mode, bias_init=meta.bias_init, init_std=meta.init_std)
+        install_gates(
+            model, mode=meta.mode, bias_init=meta.bias_init, init_std=meta.init_std, bias=meta.bias
+        )
         load_gates(model, gates)
     meta.base_model = os.path.abspath(base)
     model.eval()

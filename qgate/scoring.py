@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from qgate import losses
 from qgate.model import forward, gated_mlps
@@ -61,45 +62,57 @@ def _pad(seqs: list, pad_id: int, fill: int, device) -> torch.Tensor:
     return out.to(device)
 
 
-def _final_norm(model):
-    inner = getattr(model, "model", model)
-    norm = getattr(inner, "norm", None)
-    if norm is None:
-        raise ValueError("model has no final norm (model.model.norm) to pool embeddings from")
-    return norm
+HEAD_CHUNK_ELEMENTS = 1 << 25
+"""Logit elements computed at once by the LM head (128 MiB in fp32): caps scoring memory."""
+
+
+def scored_token_nll(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token nll (B, T) in fp32 at the scored positions (label != -100, t >= 1), else 0.
+
+    Only the hidden states that predict a scored token go through the LM head: they are
+    gathered into one (N, H) matrix and projected in chunks of HEAD_CHUNK_ELEMENTS, so
+    (T, V) logits never exist per row and the head weight is never copied.
+    """
+    mask = labels != -100
+    mask[:, 0] = False  # position 0 has no prediction
+    b, t = mask.nonzero(as_tuple=True)
+    h = hidden[b, t - 1]  # (N, H): the state that predicts token t
+    target = labels[b, t]  # (N,)
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma-style soft cap
+    chunk = max(1, HEAD_CHUNK_ELEMENTS // head.weight.shape[0])
+    out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    for s in range(0, h.shape[0], chunk):
+        logits = F.linear(h[s : s + chunk], head.weight, head.bias).float()  # (C, V)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        out[s : s + chunk] = F.cross_entropy(logits, target[s : s + chunk], reduction="none")
+    nll = torch.zeros(labels.shape, dtype=torch.float32, device=h.device)
+    nll[b, t] = out
+    return nll
 
 
 @torch.no_grad()
-def _forward_stats(model, input_ids, labels, pad_id, alpha, eps, want_tokens=False):
-    """One padded forward: per-sample nll, gate stats, pooled hidden state (all fp32)."""
+def _forward_stats(model, input_ids, labels, pad_id, alpha, eps, want_tokens=False, pool=True):
+    """One padded forward of the decoder body: per-sample nll, gate stats, pooled state."""
     device = next(model.parameters()).device
     ids = _pad(input_ids, pad_id, pad_id, device)
     lab = _pad(labels, pad_id, -100, device)
     attn = _pad([[1] * len(s) for s in input_ids], pad_id, 0, device)
-    captured = {}
-    hook = _final_norm(model).register_forward_hook(lambda m, i, o: captured.setdefault("h", o))
-    try:
-        _, gates = forward(model, ids, attn, logits_to_keep=1)
-    finally:
-        hook.remove()
-    hidden = captured["h"]  # (B, T, H): final normed hidden state
-    head = model.get_output_embeddings()
-    nll = torch.zeros(ids.shape, dtype=torch.float32, device=device)
-    for i in range(ids.size(0)):  # per-row logits keep memory at T x V
-        n = len(input_ids[i])
-        logits = head(hidden[i : i + 1, :n]).float()
-        nll[i : i + 1, :n], _ = losses.token_nll(logits, lab[i : i + 1, :n])
+    hidden, gates = forward(model, ids, attn, body_only=True)  # (B, T, H) final-normed
+    nll = scored_token_nll(model, hidden, lab)
     mask = lab != -100
-    mask[:, 0] = False  # position 0 has no prediction
+    mask[:, 0] = False
     w = token_weights(nll, mask, alpha, eps)  # (B, T)
     gates = gates.float()  # (B, L, T)
-    s = (gates * w.unsqueeze(1)).sum(-1)  # (B, L)
+    s = losses.weighted_gates(gates, w)  # (B, L)
     n_scored = mask.sum(-1)
     g_mean = losses.gate_means(gates, mask)
     mean_nll = (nll * mask).sum(-1) / n_scored.clamp(min=1)
-    am = attn.unsqueeze(-1).float()
-    pooled = (hidden.float() * am).sum(1) / am.sum(1)  # (B, H)
-    out = {"nll": mean_nll, "gate": s, "gate_mean": g_mean, "pooled": pooled, "n_scored": n_scored}
+    out = {"nll": mean_nll, "gate": s, "gate_mean": g_mean, "n_scored": n_scored}
+    if pool:
+        am = attn.unsqueeze(-1).to(hidden.dtype)
+        out["pooled"] = (hidden * am).float().sum(1) / am.float().sum(1)  # (B, H)
     if want_tokens:
         out["token_nll"], out["token_gates"], out["mask"] = nll, gates, mask
     return out
@@ -164,6 +177,7 @@ def score_batch(
                 pad_id,
                 alpha,
                 eps,
+                pool=False,
             )
             for j, i in enumerate(group):
                 if int(st["n_scored"][j]) > 0 and results[i]["n_loss_tokens"] > 0:

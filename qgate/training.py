@@ -173,8 +173,11 @@ def build_warmup(cfg: WarmupConfig, device):
         mode=cfg.mode,
         bias_init=cfg.bias_init,
         seed=cfg.seed,
+        bias=cfg.gate_bias,
     )
     meta.extra = {"loss": cfg.loss, "quality_weight": cfg.quality_weight, "balance": cfg.balance}
+    if cfg.loss == "contrast":
+        meta.extra |= {"corruptions": list(cfg.corruptions), "alpha": cfg.alpha}
     trainable = gate_parameters(model)
     for p in trainable.values():
         p.requires_grad_(True)
@@ -360,6 +363,33 @@ def _save_checkpoint(path, model, meta, trainable, optimizer, scheduler, step, h
     export(_unwrap(model), meta, os.path.join(path, ARTIFACT_DIR))
 
 
+def _gated_step(model, batch: dict, cfg: WarmupConfig):
+    """Warmup forward: the decoder body with gates, nll only at the scored positions.
+
+    Returns (lm loss, gates (B, L, T), scored mask (B, T), token weights (B, T)): the same
+    token selection and ppl weights as the score stage, and no (B, T, V) logits.
+    """
+    from qgate.model import forward
+    from qgate.scoring import scored_token_nll, token_weights
+
+    hidden, gates = forward(model, batch["input_ids"], batch["attention_mask"], body_only=True)
+    nll = scored_token_nll(model, hidden, batch["labels"])  # (B, T); grads flow in mix mode
+    mask = batch["labels"] != -100
+    mask[:, 0] = False
+    lm = (nll * mask).sum() / mask.sum().clamp(min=1)
+    weights = token_weights(nll.detach(), mask, cfg.alpha, 1e-8) if cfg.loss == "contrast" else None
+    return lm, gates.float(), mask, weights
+
+
+def _all_reduce_grads(params: list, world: int) -> None:
+    """Average gradients over ranks (what DDP would do, for a model that is not wrapped)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        torch.distributed.all_reduce(p.grad)
+        p.grad /= world
+
+
 def train_loop(loop_cfg: dict) -> None:
     """Ray Train worker entry: build, restore, train, report. Runs on every rank."""
     import ray.train
@@ -387,6 +417,7 @@ def train_loop(loop_cfg: dict) -> None:
     targets = [r for r in rows if r["is_target"]]
 
     model, tok, trainable, meta = builder(cfg, device)
+    quality = stage == "warmup"
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -412,9 +443,15 @@ def train_loop(loop_cfg: dict) -> None:
                 f"[{stage}] resumed from checkpoint at step {step}/{plan.total_steps}", flush=True
             )
 
-    model = ray.train.torch.prepare_model(model) if world > 1 else model
-    use_amp = device.type == "cuda"
-    quality = stage == "warmup"
+    # Warmup trains a few thousand gate weights: their gradients are all-reduced by hand
+    # (below), so the gated model keeps its body-only forward. Finetune uses DDP.
+    ddp = world > 1 and not quality
+    model = ray.train.torch.prepare_model(model) if ddp else model.to(device)
+    from qgate.hardware import resolve_dtype
+
+    use_amp = resolve_dtype(cfg.dtype, device) == torch.bfloat16  # bf16 autocast, fp32 masters
+    if rank == 0:
+        print(f"[{stage}] compute dtype: {'bfloat16' if use_amp else 'float32'}", flush=True)
     fault = loop_cfg.get("fault") or {}
 
     window = {"lm": 0.0, "q": 0.0, "n": 0, "tokens": 0, "gate": None}
@@ -428,19 +465,17 @@ def train_loop(loop_cfg: dict) -> None:
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 if quality:
-                    from qgate.model import forward
-
-                    out, gates = forward(model, batch["input_ids"], batch["attention_mask"])
+                    lm, gates, mask, weights = _gated_step(model, batch, cfg)
                 else:
-                    out, gates = (
-                        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]),
-                        None,
+                    out = model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
                     )
-            lm, _ = losses.lm_loss(out.logits, batch["labels"])
+                    lm, _ = losses.lm_loss(out.logits, batch["labels"])
             loss = lm
             if quality:
-                mask = batch["labels"] != -100
-                ql = losses.quality_loss(gates, mask, cfg.loss, batch["is_target"], cfg.balance)
+                ql = losses.quality_loss(
+                    gates, mask, cfg.loss, batch["is_target"], cfg.balance, weights
+                )
                 loss = lm + cfg.quality_weight * ql
                 window["q"] += ql.item()
                 g_layer = losses.gate_means(gates.detach(), mask).mean(0)
@@ -449,6 +484,8 @@ def train_loop(loop_cfg: dict) -> None:
             window["lm"] += lm.item()
             window["n"] += 1
             window["tokens"] += int(batch["attention_mask"].sum())
+        if world > 1 and not ddp:
+            _all_reduce_grads(params, world)
         optimizer.step()
         scheduler.step()
         step += 1

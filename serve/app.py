@@ -368,14 +368,6 @@ def resolve_artifacts(cfg: ServeConfig) -> dict:
     }
 
 
-def loaded_digests(base: str, gates: str | None) -> dict:
-    """Digests of the model and gates as the score stage records them."""
-    from qgate.model import GATES_FILE, file_digest, model_digest, resolve_base
-
-    g = file_digest([os.path.join(gates, GATES_FILE)]) if gates else "fresh-init"
-    return {"model_digest": model_digest(resolve_base(base)), "gates_digest": g}
-
-
 # ----------------------------------------------------------------------------- deployments
 
 
@@ -385,18 +377,11 @@ class QGateModel:
     scored by score_batch and decided by decide (the batch job's functions and settings)."""
 
     def __init__(self, cfg: ServeConfig, loader: Callable | None = None):
-        import torch
-
-        from qgate.model import load_gated_model
-        from qgate.scoring import projection_matrix
+        from qgate.scorer import Scorer, ScoringSettings, loaded_digests
 
         art = resolve_artifacts(cfg)
-        self.cfg, self.reference, self.s = cfg, art["reference"], art["scoring"]
-        device = cfg.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cpu":
-            torch.set_num_threads(max(1, int(cfg.model_num_cpus)))
+        self.cfg, self.reference = cfg, art["reference"]
+        self.s = ScoringSettings.from_dict(art["scoring"])
         self.digests = loaded_digests(art["base_model"], art["gates"])
         expected = art["expected_digests"]
         bad = [k for k, v in expected.items() if v is not None and v != self.digests[k]]
@@ -408,19 +393,17 @@ class QGateModel:
                 " match. Point base_model/gates at what the score stage used, or re-run score"
                 " and select (check_digests=false skips this check)"
             )
-        loader = loader or load_gated_model
-        self.model, self.tokenizer, meta = loader(
-            art["base_model"], gates=art["gates"], device=device
+        self.scorer = Scorer(
+            art["base_model"],
+            art["gates"],
+            self.s,
+            device=cfg.device,
+            dtype=cfg.dtype,
+            threads=max(1, int(cfg.model_num_cpus)),
+            batch_tokens=cfg.batch_tokens,
+            loader=loader,
         )
-        shape = (meta.num_layers, meta.hidden_size)
-        if shape != (self.s["num_layers"], self.s["hidden_size"]):
-            raise ValueError(
-                f"the model has {shape[0]} gated layers of size {shape[1]}; the reference was"
-                f" scored with {self.s['num_layers']} of size {self.s['hidden_size']}"
-            )
-        self.projection = projection_matrix(
-            meta.hidden_size, self.s["embedding_dim"], self.s["embedding_seed"]
-        )
+        meta, device = self.scorer.meta, self.scorer.device
         self._score_many.set_max_batch_size(cfg.max_batch_size)
         self._score_many.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self.info_block = {
@@ -430,11 +413,12 @@ class QGateModel:
             "gate_mode": meta.mode,
             "num_layers": meta.num_layers,
             "device": str(device),
+            "dtype": self.s.dtype,
             "reference": art["reference_path"],
             "reference_digest": art["reference_digest"],
             "method": self.reference["method"] if self.reference else None,
             "k": self.reference.get("k") if self.reference else None,
-            "scoring": self.s,
+            "scoring": self.s.to_dict(),
             "max_batch_size": cfg.max_batch_size,
         }
         # cumulative, for /v1/info: batches run, samples in them, the largest batch, the
@@ -459,13 +443,9 @@ class QGateModel:
     async def score(self, row: dict) -> dict:
         """Score one canonical row (sample_id, messages); a RowError becomes ``{"error": ...}``."""
         from qgate.data import RowError
-        from qgate.scoring import tokenize_for_scoring
 
-        s = self.s
         try:
-            enc = tokenize_for_scoring(
-                self.tokenizer, row["messages"], s["max_length"], s["loss_on"], s["ifd"]
-            )
+            enc = self.scorer.tokenize(row["messages"])
         except RowError as e:
             return {"error": {"reason": e.reason, "detail": str(e)}}
         except (ValueError, TypeError) as e:  # e.g. a chat template that rewrites content
@@ -482,20 +462,10 @@ class QGateModel:
         return self._score_sync(encs)
 
     def _score_sync(self, encs: list[dict]) -> list[dict]:
-        from qgate.scoring import score_batch
         from qgate.selection import decide
 
-        s, t = self.s, time.perf_counter()
-        stats = score_batch(
-            self.model,
-            encs,
-            pad_id=self.tokenizer.pad_token_id,
-            alpha=s["alpha"],
-            eps=s["eps"],
-            batch_tokens=max(self.cfg.batch_tokens, s["max_length"]),
-            projection=self.projection,
-            ifd=s["ifd"],
-        )
+        t = time.perf_counter()
+        stats = self.scorer.score(encs)
         for enc, st in zip(encs, stats, strict=True):
             st["sample_id"] = enc["sample_id"]
         decisions = decide(self.reference, stats) if self.reference else [{}] * len(stats)

@@ -85,17 +85,17 @@ def server(artifacts):
 
     fault = os.path.join(artifacts["run"], "fault")
 
-    def loader(base, gates=None, device="cpu"):
+    def loader(base, gates=None, device="cpu", dtype=None):
         """load_gated_model, plus a forward that fails while the `fault` file exists."""
         from qgate.model import load_gated_model
 
-        model, tok, meta = load_gated_model(base, gates=gates, device=device)
+        model, tok, meta = load_gated_model(base, gates=gates, device=device, dtype=dtype)
 
         def maybe_fail(module, args):
             if os.path.exists(fault):
                 raise RuntimeError("SECRET internal state 42")
 
-        model.register_forward_pre_hook(maybe_fail)
+        model.get_decoder().register_forward_pre_hook(maybe_fail)  # scoring runs the body
         return model, tok, meta
 
     port = _free_port()
