@@ -23,12 +23,11 @@ def parse(cls, argv, description: str):
 
 
 def init_ray() -> None:
-    """Connect to RAY_ADDRESS (e.g. under `ray job submit`), else start an embedded Ray."""
-    import ray
+    """Embedded local Ray if RAY_ADDRESS is unset, else connect to it (e.g. under `ray job
+    submit`); the session is shut down on exit, SIGTERM, Ctrl-C or an error (qgate.cluster)."""
+    from qgate import cluster
 
-    if ray.is_initialized():
-        return
-    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    cluster.init(log_to_driver=True)
 
 
 def write_config(cfg, out_dir: str, name: str = "config.yaml") -> str:

@@ -17,6 +17,7 @@ import sys
 import time
 
 from jobs.common import init_ray
+from qgate import cluster
 from qgate.config import (
     ConfigError,
     ServeConfig,
@@ -116,12 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, cluster.Terminated):  # Ctrl-C, or SIGTERM: a normal stop
         pass
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip shutdown
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("stopping the endpoint", file=sys.stderr, flush=True)
         serve.shutdown()
+        cluster.shutdown()
     return 0
 
 

@@ -1,0 +1,281 @@
+"""Stall watchdog: when a stage makes no progress, one line saying what Ray is waiting for.
+
+    for summary in Watchdog("score").watch(ds.iter_rows()):  # progress: an item arrives
+        ...
+    with Watchdog("warmup", ticks=False):  # no ticks: speaks only while Ray waits on something
+        trainer.fit()
+
+The line is built from Ray's own state for this job: actors pending creation, placement
+groups pending, tasks waiting for a node, and the cluster's total vs available resources:
+
+    [score] no progress for 120 s: 1 actor (MapWorker(MapBatches(ShardScorer))) pending
+    creation, needing {CPU: 4}; the cluster has {CPU: 2} available of {CPU: 2} in total
+
+``QGATE_STALL_S`` sets the threshold (default 120 s; 0 turns the watchdog off).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+STALL_ENV = "QGATE_STALL_S"
+DEFAULT_STALL_S = 120.0
+_PG_RESOURCE = re.compile(r"^(.+?)_group_(?:\d+_)?[0-9a-f]{16,}$")  # CPU_group_0_<pg id>
+
+
+def stall_seconds_from_env() -> float:
+    """QGATE_STALL_S as seconds (default 120; 0 = off). ValueError names a bad value."""
+    import os
+
+    raw = os.environ.get(STALL_ENV, "").strip()
+    if not raw:
+        return DEFAULT_STALL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(
+            f"{STALL_ENV}={raw!r} is not a number of seconds (0 turns it off)"
+        ) from None
+    if value < 0:
+        raise ValueError(f"{STALL_ENV} must be >= 0 seconds (0 turns it off), got {raw!r}")
+    return value
+
+
+@dataclass
+class Pending:
+    """What Ray is waiting on for this job, from its state API and resource view."""
+
+    actors: list[tuple[str, dict]] = field(default_factory=list)  # (class, resources) each
+    groups: list[tuple[list[dict], int]] = field(default_factory=list)  # (bundles, actors in it)
+    tasks: list[tuple[str, dict]] = field(default_factory=list)  # (function, resources) each
+    total: dict = field(default_factory=dict)
+    available: dict = field(default_factory=dict)
+    error: str | None = None  # what could not be asked
+
+    @property
+    def waiting(self) -> bool:
+        return bool(self.actors or self.groups or self.tasks)
+
+
+def _plain(resources: dict | None) -> dict:
+    """{CPU: 4.0, CPU_group_0_<id>: 4.0, bundle_group_<id>: 0.001} -> {CPU: 4.0}."""
+    out: dict[str, float] = {}
+    for key, value in (resources or {}).items():
+        m = _PG_RESOURCE.match(key)
+        base = m.group(1) if m else key
+        if base == "bundle" or not value:
+            continue
+        out[base] = max(out.get(base, 0.0), float(value))
+    return out
+
+
+def _fmt(resources: dict) -> str:
+    def one(key, value):
+        if "memory" in key:
+            return f"{key}: {value / 2**30:.1f} GiB"
+        return f"{key}: {value:g}"
+
+    return "{" + ", ".join(one(k, resources[k]) for k in sorted(resources)) + "}"
+
+
+def _bundles(bundles: list[dict]) -> str:
+    shown = [_fmt(b) for b in bundles]
+    if shown and len(set(shown)) == 1:
+        return f"{len(shown)} x {shown[0]}"
+    return "[" + ", ".join(shown) + "]"
+
+
+def _counted(items: list[tuple[str, dict]], noun: str, verb: str) -> list[str]:
+    counts = Counter((name, tuple(sorted(res.items()))) for name, res in items)
+    out = []
+    for (name, res), n in counts.most_common(3):
+        if res:
+            need = ("each needing " if n > 1 else "needing ") + _fmt(dict(res))
+        else:  # nothing to schedule: its worker process (or runtime env) is still starting
+            need = "needing no resources (its worker process or runtime env is starting)"
+        out.append(f"{n} {noun}{'s' if n > 1 else ''} ({name}) {verb}, {need}")
+    if len(counts) > 3:
+        out.append(f"{len(counts) - 3} more kinds of {noun}s {verb}")
+    return out
+
+
+def describe(p: Pending) -> str:
+    """One line: what is pending, what it needs, what the cluster has (total and free)."""
+    parts = _counted(p.actors, "actor", "pending creation")
+    for bundles, n_actors in p.groups[:3]:
+        inside = f" ({n_actors} actor{'s' if n_actors != 1 else ''} wait in it)" if n_actors else ""
+        parts.append(f"1 placement group pending{inside}, needing {_bundles(bundles)}")
+    if len(p.groups) > 3:
+        parts.append(f"{len(p.groups) - 3} more placement groups pending")
+    parts += _counted(p.tasks, "task", "waiting for a node")
+    demands = [r for _, r in p.actors] + [b for bs, _ in p.groups for b in bs]
+    demands += [r for _, r in p.tasks]
+    keys = {k for d in demands for k in d} or {"CPU"}
+    keys |= {"GPU"} & set(p.total)
+    have = {k: p.available.get(k, 0.0) for k in keys}
+    total = {k: p.total.get(k, 0.0) for k in keys}
+    cluster = f"the cluster has {_fmt(have)} available of {_fmt(total)} in total"
+    never = sorted({k for d in demands for k, v in d.items() if v > total.get(k, 0.0)})
+    if never:
+        cluster += (
+            f"; more {', '.join(never)} than the whole cluster has: ask for less or add nodes"
+        )
+    if parts:
+        line = "; ".join(parts) + "; " + cluster
+    elif p.error:
+        line = f"nothing known to be pending; {cluster}"
+    else:
+        line = (
+            f"nothing in this job waits for resources; {cluster}: the running work is slow "
+            "or stuck (see the Ray dashboard or the worker logs)"
+        )
+    return line + (f" ({p.error})" if p.error else "")
+
+
+def query_pending() -> Pending:
+    """This job's pending actors, placement groups and tasks, with total/available resources."""
+    import ray
+    from ray.util import state
+
+    p = Pending(total=ray.cluster_resources(), available=ray.available_resources())
+    ctx = ray.get_runtime_context()
+    job = ctx.get_job_id()
+    # An explicit address: with none, the state API looks for "the" cluster on this machine.
+    kw = {"address": ctx.gcs_address, "detail": True, "timeout": 10}
+    kw["raise_on_missing_output"] = False
+    try:
+        groups = state.list_placement_groups(
+            filters=[("state", "=", "PENDING"), ("creator_job_id", "=", job)], **kw
+        )
+        actors = state.list_actors(
+            filters=[("state", "=", "PENDING_CREATION"), ("job_id", "=", job)], **kw
+        )
+        tasks = state.list_tasks(
+            filters=[
+                ("state", "=", "PENDING_NODE_ASSIGNMENT"),
+                ("job_id", "=", job),
+                ("type", "=", "NORMAL_TASK"),
+            ],
+            **kw,
+        )
+    except Exception as e:  # no dashboard (include_dashboard=False), Ray Client, ...
+        p.error = f"actors and tasks unknown: Ray's state API did not answer: {e}"[:300]
+        table = ray.util.placement_group_table().values()  # straight from the GCS
+        p.groups = [
+            ([_plain(b) for b in g["bundles"].values()], 0)
+            for g in table
+            if g.get("state") == "PENDING"
+        ]
+        return p
+    in_group = Counter()
+    pending_groups = {g.placement_group_id for g in groups}
+    for a in actors:
+        if a.placement_group_id in pending_groups:
+            in_group[a.placement_group_id] += 1
+        else:
+            p.actors.append((a.class_name, _plain(a.required_resources)))
+    p.groups = [
+        ([_plain(b.get("unit_resources")) for b in g.bundles or []], in_group[g.placement_group_id])
+        for g in groups
+    ]
+    p.tasks = [(t.func_or_class_name or t.name, _plain(t.required_resources)) for t in tasks]
+    return p
+
+
+class Watchdog:
+    """A background thread that prints one line when the stage stalls (see the module doc).
+
+    ``ticks=True``: a stall is ``stall_seconds`` without ``tick()``; the line then says what
+    Ray waits on, or that nothing is pending. ``ticks=False`` (the caller cannot tick, e.g.
+    around ``trainer.fit()``): a stall is Ray having something pending for ``stall_seconds``.
+    One line per stall; the next tick (or the pending work starting) re-arms it.
+    """
+
+    def __init__(
+        self,
+        stage: str,
+        stall_seconds: float | None = None,
+        *,
+        ticks: bool = True,
+        probe=query_pending,
+        out=None,
+        poll_s: float | None = None,
+    ) -> None:
+        self.stage = stage
+        self.stall_seconds = (
+            stall_seconds_from_env() if stall_seconds is None else float(stall_seconds)
+        )
+        self.ticks = ticks
+        self.lines: list[str] = []  # what was printed
+        self._probe = probe
+        self._out = out
+        self._poll = poll_s or min(max(self.stall_seconds / 4, 0.25), 15.0)
+        self._last = self._since = time.monotonic()
+        self._reported = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Watchdog:
+        if self.stall_seconds > 0:
+            self._last = self._since = time.monotonic()
+            self._thread = threading.Thread(
+                target=self._run, name=f"qgate-watchdog-{self.stage}", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)  # a probe in flight is not waited for; it stays quiet
+
+    def tick(self) -> None:
+        """The stage made progress."""
+        self._last = time.monotonic()
+        self._reported = False
+
+    def watch(self, items):
+        """Yield from ``items`` with the watchdog running; each item is a tick."""
+        with self:
+            for item in items:
+                self.tick()
+                yield item
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._poll):
+            try:
+                self._check()
+            except Exception as e:  # the watchdog must never take the stage down
+                self._say(f"stall watchdog error: {type(e).__name__}: {e}")
+                return
+
+    def _check(self) -> None:
+        now = time.monotonic()
+        if self.ticks:
+            idle = now - self._last
+            if self._reported or idle < self.stall_seconds:
+                return
+            p = self._probe()
+            self._reported = True
+            self._say(f"no progress for {idle:.0f} s: {describe(p)}")
+            return
+        p = self._probe()
+        if not p.waiting:  # Ray is not waiting on anything: training is running
+            self._since, self._reported = now, False
+            return
+        waited = now - self._since
+        if waited >= self.stall_seconds and not self._reported:
+            self._reported = True
+            self._say(f"no progress for {waited:.0f} s: {describe(p)}")
+
+    def _say(self, msg: str) -> None:
+        if self._stop.is_set():
+            return
+        line = f"[{self.stage}] {msg}"
+        self.lines.append(line)
+        print(line, file=self._out or sys.stderr, flush=True)
