@@ -497,6 +497,8 @@ def _run_pipeline(cfg, gates, todo, expected, out, settings) -> None:
     import ray
     import ray.data
 
+    from qgate.watchdog import Watchdog
+
     fault = _fault()  # test-only fault injection, read on the driver
     cpus, threads = actor_layout(cfg, ray.cluster_resources().get("CPU", 0))
     runtime = {"device": cfg.device, "threads": threads, "batch_tokens": cfg.batch_tokens}
@@ -517,11 +519,12 @@ def _run_pipeline(cfg, gates, todo, expected, out, settings) -> None:
         batch_size=1,  # one shard per call: the unit of writing and of retry
         num_cpus=cpus,
         num_gpus=cfg.actors.num_gpus,
+        resources=cfg.actors.resources,
     )
     seen: set[str] = set()
     t0, rows_done, tokens = time.time(), 0, 0
     n_rows = sum(expected[s["shard"]] for s in todo)
-    for row in ds.iter_rows():
+    for row in Watchdog("score").watch(ds.iter_rows()):  # a tick per shard summary
         info = json.loads(row["info"])
         if info["shard"] in seen:  # a retried shard reports twice; its files were replaced
             continue

@@ -219,6 +219,9 @@ class Actors:
     num_gpus: float = 0.0
     threads: int | None = None
     """torch threads per actor on CPU (default: its CPUs, at least 1)."""
+    resources: dict[str, float] | None = None
+    """Custom Ray resources each actor needs, e.g. {scorer: 1} to pin actors to nodes that
+    have them."""
 
     def __post_init__(self):
         _check(1 <= self.min_size <= self.max_size, "actors", "need 1 <= min_size <= max_size")

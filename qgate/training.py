@@ -600,6 +600,8 @@ def fit(
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from qgate.watchdog import Watchdog
+
     targets = targets or []
     world = cfg.scaling.num_workers
     frac = getattr(cfg, "target_fraction", 0.0) if targets else 0.0
@@ -662,7 +664,8 @@ def fit(
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
     t0 = time.time()
-    result = trainer.fit()
+    with Watchdog(stage, ticks=False):  # speaks if the worker group waits for resources
+        result = trainer.fit()
     wall = time.time() - t0
     if result.checkpoint is None:
         raise RuntimeError(f"{stage}: training finished without a checkpoint")

@@ -38,6 +38,7 @@ def ray_session():
     """One embedded Ray for the whole suite (starting Ray costs seconds)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+    # "local": a new embedded cluster, never one that another process on this machine runs
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
