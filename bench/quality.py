@@ -72,18 +72,22 @@ NOISE_SHORT = ("gib", "wrong", "trunc", "copied", "rep", "dup", "refus")
 
 @dataclass(frozen=True)
 class GateVariant:
-    """One warmup recipe: gate mode and quality loss."""
+    """One warmup recipe: gate mode, quality loss and learning rate."""
 
     name: str
     mode: str
     loss: str
+    lr: float = 3e-3
 
 
 GATES = {
     "probe_linear": GateVariant("probe_linear", "probe", "linear"),
     "mix_linear": GateVariant("mix_linear", "mix", "linear"),
     "probe_target": GateVariant("probe_target", "probe", "target_balanced"),
+    "probe_contrast": GateVariant("probe_contrast", "probe", "contrast", lr=1e-2),
 }
+REAL_GATES = ("probe_linear", "probe_contrast")
+"""On a real base (--base-model) the original recipe and the contrast gate are trained."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,32 @@ METHODS = (
     Method("gate mix+linear +div", "mix_linear", {"method": "quality_gate", "diversity": True}),
     Method("gate probe+target", "probe_target", {"method": "quality_gate", "diversity": False}),
     Method("gate probe+target +div", "probe_target", {"method": "quality_gate", "diversity": True}),
+    Method("gate probe+contrast", "probe_contrast", {"method": "quality_gate", "diversity": False}),
+    Method(
+        "worst_rank(contrast gate,ppl,ifd)",
+        "probe_contrast",
+        {
+            "method": "worst_rank",
+            "signals": GATE_PPL_IFD,
+            "calibration": "pool",
+            "diversity": False,
+        },
+    ),
+    Method(
+        "worst_rank(contrast gate,ppl,ifd) src",
+        "probe_contrast",
+        {
+            "method": "worst_rank",
+            "signals": GATE_PPL_IFD,
+            "calibration": "source",
+            "diversity": False,
+        },
+    ),
+    Method(
+        "rank_mean(contrast gate,ppl,ifd)",
+        "probe_contrast",
+        {"method": "rank_mean", "signals": GATE_PPL_IFD, "calibration": "pool", "diversity": False},
+    ),
     # combined, percentiles over the whole pool
     Method(
         "worst_rank(gate,ppl,ifd)",
@@ -204,6 +234,30 @@ class Settings:
     downstream_top: int = 3
     parallel_gates: bool = False
     """Run the gate variants' warmup + scoring side by side (threads) instead of in turn."""
+    train_cpus: float = 0.5
+    threads: int | None = None
+    actors: int = 2
+    actor_cpus: float | None = 1.0
+
+
+def real_settings() -> Settings:
+    """A real pretrained base (--base-model): no stand-in, one process uses both cores."""
+    return Settings(
+        n_pool=2000,
+        n_target=100,
+        n_test=200,
+        n_pretrain=0,
+        warmup_steps=200,
+        batch_size=16,
+        max_length=256,
+        finetune_steps=150,
+        finetune_lr=1e-3,
+        clean_only=False,
+        train_cpus=1.5,
+        threads=2,
+        actors=1,
+        actor_cpus=None,
+    )
 
 
 def tiny_settings() -> Settings:
@@ -287,15 +341,16 @@ def warmup_and_score(
         mode=variant.mode,
         loss=variant.loss,
         target=[corpus["target"]] if variant.loss == "target_balanced" else [],
-        target_fraction=0.25,
+        target_fraction=0.5 if variant.loss == "contrast" else 0.25,
         balance=0.2,
         quality_weight=1.0,
-        lr=3e-3,
+        lr=variant.lr,
         max_steps=st.warmup_steps,
         batch_size=st.batch_size,
         max_length=st.max_length,
         seed=seed,
-        scaling=Scaling(num_workers=1, resources_per_worker={"CPU": 0.5}),
+        scaling=Scaling(num_workers=1, resources_per_worker={"CPU": st.train_cpus}),
+        device_threads=st.threads,
         checkpoint_every=st.warmup_steps,
         report_every=max(1, st.warmup_steps // 4),
         max_failures=0,
@@ -309,7 +364,7 @@ def warmup_and_score(
         corpus=[corpus["pool"]],
         max_length=st.max_length,
         ifd=variant.mode == "probe",  # probe logits are the base's: nll and IFD are too
-        actors=Actors(min_size=1, max_size=2, num_cpus=1.0),
+        actors=Actors(min_size=1, max_size=st.actors, num_cpus=st.actor_cpus),
         batch_rows=256,
         rows_per_shard=5000,
     )
@@ -467,7 +522,8 @@ def finetune_and_eval(
         max_length=st.max_length,
         seed=seed,
         lora=Lora(r=16, alpha=32.0, dropout=0.05, target_modules=["all-linear"]),
-        scaling=Scaling(num_workers=1, resources_per_worker={"CPU": 0.5}),
+        scaling=Scaling(num_workers=1, resources_per_worker={"CPU": st.train_cpus}),
+        device_threads=st.threads,
         checkpoint_every=st.finetune_steps,
         report_every=max(1, st.finetune_steps // 4),
         max_failures=0,
@@ -724,6 +780,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-generalisation", action="store_true", help="skip the second corpus")
     ap.add_argument("--out", default=os.path.join(REPO, "runs", "bench_quality"))
     ap.add_argument("--tiny", action="store_true", help="CI size: tiny, no downstream")
+    ap.add_argument(
+        "--base-model",
+        help="a real pretrained HF model dir (e.g. from `qgate import-model smollm2`) used as "
+        "the base instead of the stand-ins: no pretraining, one 'real' condition per corpus",
+    )
     return ap.parse_args(argv)
 
 
@@ -733,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     args = parse_args(argv)
-    st = tiny_settings() if args.tiny else Settings()
+    st = tiny_settings() if args.tiny else real_settings() if args.base_model else Settings()
     if args.n_pool:
         st.n_pool = args.n_pool
     if args.steps:
@@ -792,9 +853,14 @@ def run(args, argv, st: Settings, downstream: bool, budgets: list[float]) -> int
         )
         targets = set(families[:3])
         corpus_info[tag] = {"seed": seed, "families": list(families), "targets": sorted(targets)}
-        bases = build_bases(corpus, cdir, st, clock, seed)
+        if args.base_model:
+            bases = {"real": os.path.abspath(args.base_model)}
+        else:
+            bases = build_bases(corpus, cdir, st, clock, seed)
         for cname, base in bases.items():
-            gates = tuple(GATES) if cname == "realistic" else CLEAN_ONLY_GATES
+            gates = {"realistic": tuple(k for k in GATES if k != "probe_contrast")}.get(
+                cname, REAL_GATES if cname == "real" else CLEAN_ONLY_GATES
+            )
             name = f"{tag} {cname}"
             cond = clock.run(
                 f"selection {name}",
@@ -810,7 +876,7 @@ def run(args, argv, st: Settings, downstream: bool, budgets: list[float]) -> int
                 targets,
             )
             conditions.append(cond)
-            if tag == "A" and cname == "realistic":
+            if tag == "A" and cname in ("realistic", "real"):
                 main_cond, main_corpus, main_dir = cond, corpus, cdir
     if downstream:  # last: the selection table is complete even if this is cut short
         downstream_result = clock.run(

@@ -227,3 +227,42 @@ def test_gemma3_layers_are_gateable():
     del broken.model.layers[1].mlp
     with pytest.raises(UnsupportedModelError, match="layer 1 has no 'mlp' module"):
         install_gates(broken)
+
+
+@needs_smollm2
+def test_pipeline_runs_on_imported_model(smollm2_dir, corpus, ray_session, tmp_path):
+    """Guards against the real-model path breaking anywhere between stages: a warmup, score
+    and select on a handful of rows of the imported SmolLM2 (30 layers, its chat template)."""
+    import pyarrow.parquet as pq
+
+    from jobs import warmup as warmup_job
+    from qgate.batch_scoring import run_scoring
+    from qgate.config import ScoreConfig, SelectConfig, WarmupConfig, load_config
+    from qgate.data import read_corpus, write_jsonl
+    from qgate.selection import run_selection
+
+    rows = read_corpus(corpus["pool"])[0][:24]
+    pool = str(tmp_path / "pool.jsonl")
+    write_jsonl(pool, rows)
+    run = str(tmp_path / "run")
+    common = [f"base_model={smollm2_dir}", f"corpus=[{pool}]", f"run_dir={run}"]
+    warm = common + ["max_length=64", "batch_size=4", "max_steps=3", "scaling.num_workers=1"]
+    warm += ["loss=contrast", "target_fraction=0.5", "checkpoint_every=3", "report_every=1"]
+    summary = warmup_job.run(load_config(WarmupConfig, None, warm))
+    assert summary["steps"] == 3 and summary["last"]["quality_loss"] > 0
+    score = common + ["max_length=64", "batch_tokens=1024", "rows_per_shard=12"]
+    m = run_scoring(load_config(ScoreConfig, None, score + ["actors.num_cpus=1"]))
+    assert m["rows_in"] == 24 == m["scored"] + m["rejected"] and m["scored"] >= 20
+    part = pq.read_table(os.path.join(run, "scores", "part-00000-000000.parquet"))
+    assert part.schema.field("gate").type.list_size == 30
+    assert part.schema.field("embedding").type.list_size == 576
+    sel = load_config(
+        SelectConfig,
+        None,
+        [f"corpus=[{pool}]", f"run_dir={run}", "budget_count=10", "report=false"]
+        + ["method=worst_rank", "signals=[gate, perplexity, ifd]", "calibration=pool"],
+    )
+    result = run_selection(sel)
+    with open(os.path.join(run, "selection", "selected.jsonl")) as f:
+        assert sum(1 for _ in f) == 10
+    assert result is not None

@@ -1,0 +1,118 @@
+"""The contrast gate objective: corrupted negatives, the loss, a warmup that learns it, and
+the seed-parity gate without a bias."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from jobs import warmup as job
+from qgate import losses
+from qgate import model as M
+from qgate.config import ConfigError, WarmupConfig, load_config
+from qgate.corruption import CORRUPTIONS, make_negatives
+from qgate.data import read_corpus
+from qgate.scorer import Scorer, ScoringSettings
+
+SMALL = ["batch_size=8", "max_length=96", "scaling.num_workers=1", "lr=0.05"]
+
+
+def _answer(row) -> str:
+    return [m for m in row["messages"] if m["role"] == "assistant"][-1]["content"]
+
+
+def test_negatives_are_deterministic_and_only_change_the_answer(corpus):
+    """Guards against negatives that differ between a run and its resume, that leave the
+    answer unchanged (a 'negative' equal to a real row), or that touch the prompt."""
+    rows = read_corpus(corpus["pool"])[0][:40]
+    a, b = (
+        make_negatives(rows, list(CORRUPTIONS), seed=1),
+        make_negatives(rows, list(CORRUPTIONS), 1),
+    )
+    assert a == b and len(a) == 40
+    assert make_negatives(rows, list(CORRUPTIONS), seed=2) != a
+    by_id = {r["sample_id"]: r for r in rows}
+    kinds = {}
+    for neg in a:
+        src_id, kind = neg["sample_id"].rsplit("~", 1)
+        src = by_id[src_id]
+        kinds[kind] = kinds.get(kind, 0) + 1
+        assert _answer(neg) != _answer(src) and _answer(neg).strip()
+        assert neg["messages"][:-1] == src["messages"][:-1]  # the prompt is untouched
+    assert kinds == {k: 8 for k in CORRUPTIONS}  # round-robin over the kinds
+
+
+def test_contrast_loss_is_bce_of_the_scored_gate():
+    """Guards against the contrast loss pooling gates differently from the score stage."""
+    gates = torch.tensor([[[0.9, 0.8, 0.1]], [[0.2, 0.3, 0.9]]])  # (B=2, L=1, T=3)
+    w = torch.tensor([[0.0, 0.5, 0.5], [0.0, 1.0, 0.0]])
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    is_neg = torch.tensor([False, True])
+    got = losses.quality_loss(gates, mask, "contrast", is_neg, weights=w)
+    s = torch.tensor([0.45, 0.3])  # sum_t w_t g_t
+    want = -(torch.log(s[0]) + torch.log(1 - s[1])) / 2
+    torch.testing.assert_close(got, want)
+
+
+@pytest.fixture(scope="module")
+def contrast_run(tiny_model, corpus, ray_session, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("contrast")
+    args = [f"base_model={tiny_model}", f"corpus={corpus['pool']}", f"run_dir={run_dir}"]
+    args += SMALL + ["loss=contrast", "target_fraction=0.5", "max_steps=40"]
+    args += ["report_every=10", "checkpoint_every=40", "gate_bias=false"]
+    cfg = load_config(WarmupConfig, None, args)
+    return cfg, job.run(cfg)
+
+
+def test_contrast_warmup_trains_and_scores_like_the_score_stage(contrast_run, tiny_model, corpus):
+    """Guards against a contrast warmup that never updates the gates, loses its recipe from
+    qgate.json, or writes gates the score stage's Scorer cannot use. (Whether the gate learns
+    quality is measured on a real base in bench/quality.py: this tiny model is untrained.)"""
+    cfg, summary = contrast_run
+    hist = summary["history"]
+    assert [h["step"] for h in hist] == [10, 20, 30, 40]
+    assert all(0 < h["quality_loss"] < 2 for h in hist)
+    gates = os.path.join(cfg.run_dir, "warmup")
+    meta = M.read_meta(gates)
+    assert meta.extra["loss"] == "contrast" and meta.extra["corruptions"] == list(CORRUPTIONS)
+    fresh, _, _ = M.load_gated_model(tiny_model, mode="probe", seed=cfg.seed, bias=False)
+    trained, _, _ = M.load_gated_model(tiny_model, gates=gates)
+    a, b = M.gate_parameters(fresh), M.gate_parameters(trained)
+    assert all(not torch.equal(a[k], b[k]) for k in a)
+    settings = ScoringSettings.for_model(
+        tiny_model,
+        meta,
+        "float32",
+        max_length=96,
+        loss_on="assistant",
+        alpha=1.0,
+        eps=1e-8,
+        embedding_dim=None,
+        embedding_seed=0,
+        ifd=False,
+    )
+    scorer = Scorer(tiny_model, gates, settings)
+    rows = read_corpus(corpus["pool"])[0][:8]
+    stats = scorer.score([scorer.tokenize(r["messages"]) for r in rows])
+    g = np.stack([st["gate"] for st in stats])
+    assert g.shape == (8, 2) and ((g > 0) & (g < 1)).all()
+
+
+def test_gate_without_bias_saves_and_reloads(contrast_run, tiny_model):
+    """Guards against the seed-parity gate (no bias) gaining a bias on save or reload."""
+    cfg, _ = contrast_run
+    model, _, meta = M.load_gated_model(tiny_model, gates=os.path.join(cfg.run_dir, "warmup"))
+    assert meta.bias is False and all(m.qgate.bias is None for m in M.gated_mlps(model))
+    assert sorted(M.gate_parameters(model)) == ["gate.0.weight", "gate.1.weight"]
+
+
+def test_contrast_config_checks(tiny_model, corpus, tmp_path):
+    """Guards against an unknown corruption or a mix-mode contrast run starting at all."""
+    base = [f"base_model={tiny_model}", f"corpus={corpus['pool']}", f"run_dir={tmp_path}"]
+    with pytest.raises(ConfigError, match="corruptions"):
+        load_config(WarmupConfig, None, base + ["loss=contrast", "corruptions=[typo]"])
+    with pytest.raises(ConfigError, match="mode"):
+        load_config(WarmupConfig, None, base + ["loss=contrast", "mode=mix"])
