@@ -1,6 +1,6 @@
 """Stage 1: train the quality gates of a frozen base model on Ray Train.
 
-python -m jobs.warmup --config jobs/configs/warmup_probe.yaml [key=value ...]
+python -m jobs.warmup --config jobs/configs/warmup.yaml [key=value ...]
 """
 
 from __future__ import annotations

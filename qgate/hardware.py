@@ -71,6 +71,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def set_cpu_threads(device: torch.device, threads: int | None) -> None:
-    """Use ``threads`` torch threads on CPU (at least 1); no-op on GPU or when None."""
+    """Use ``threads`` torch threads on CPU, at least 1 and at most the cores this process
+    may run on (Ray's logical CPUs can outnumber them; more threads than cores is slower).
+    No-op on GPU or when None."""
     if device.type == "cpu" and threads:
-        torch.set_num_threads(max(1, int(threads)))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        torch.set_num_threads(max(1, min(int(threads), cores or int(threads))))

@@ -164,12 +164,13 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 def build_warmup(cfg: WarmupConfig, device):
     """Gated base model; only the gates train. Returns (model, tokenizer, trainable, meta)."""
+    from qgate.hardware import resolve_dtype
     from qgate.model import gate_parameters, load_gated_model
 
     model, tok, meta = load_gated_model(
         cfg.base_model,
         device=device,
-        dtype=torch.float32 if device.type == "cpu" else None,
+        dtype=resolve_dtype(cfg.dtype, device),  # the base is frozen: no fp32 masters needed
         mode=cfg.mode,
         bias_init=cfg.bias_init,
         seed=cfg.seed,
@@ -404,8 +405,9 @@ def train_loop(loop_cfg: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(loop_cfg["threads"])
+    from qgate.hardware import set_cpu_threads
+
+    set_cpu_threads(device, loop_cfg["threads"])
     torch.manual_seed(cfg.seed + rank)
 
     import ray.data
