@@ -858,9 +858,7 @@ def run(args, argv, st: Settings, downstream: bool, budgets: list[float]) -> int
         else:
             bases = build_bases(corpus, cdir, st, clock, seed)
         for cname, base in bases.items():
-            gates = {"realistic": tuple(k for k in GATES if k != "probe_contrast")}.get(
-                cname, REAL_GATES if cname == "real" else CLEAN_ONLY_GATES
-            )
+            gates = {"realistic": tuple(GATES), "real": REAL_GATES}.get(cname, CLEAN_ONLY_GATES)
             name = f"{tag} {cname}"
             cond = clock.run(
                 f"selection {name}",
