@@ -409,7 +409,9 @@ class EvaluateConfig:
         _check(self.num_fewshot is None or self.num_fewshot >= 0, "num_fewshot", "must be >= 0")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
         _check(self.max_gen_toks >= 1, "max_gen_toks", "must be >= 1")
-        ok = self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
+        from qgate.hardware import valid_device  # lazy: configs import without torch
+
+        ok = valid_device(self.device)
         _check(ok, "device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     @property
@@ -500,7 +502,9 @@ class ServeConfig:
             "model_max_ongoing_requests",
             f"must be >= max_batch_size ({self.max_batch_size}), or a batch can never fill",
         )
-        ok = self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
+        from qgate.hardware import valid_device  # lazy: configs import without torch
+
+        ok = valid_device(self.device)
         _check(ok, "device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         _check(
             not (self.score_only and self.reference),

@@ -236,11 +236,6 @@ def load_gates(model: nn.Module, gates_dir: str) -> None:
             p.copy_(saved[k])
 
 
-def default_dtype(device: str | torch.device) -> torch.dtype:
-    """bf16 on GPU, fp32 on CPU (the project-wide precision rule)."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
 def resolve_base(path: str) -> str:
     """The HF model directory behind ``path`` (a converted gated directory points at one)."""
     if os.path.isfile(os.path.join(path, META_FILE)):
@@ -291,7 +286,9 @@ def load_base(path: str, device="cpu", dtype: torch.dtype | None = None):
             f"{path} holds a {config.model_type!r} model ({config.architectures}), "
             "not a decoder causal LM"
         )
-    dtype = dtype or default_dtype(device)
+    from qgate.hardware import resolve_dtype
+
+    dtype = dtype or resolve_dtype("auto", device)  # the one precision rule
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:

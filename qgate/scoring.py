@@ -66,8 +66,9 @@ HEAD_CHUNK_ELEMENTS = 1 << 25
 """Logit elements computed at once by the LM head (128 MiB in fp32): caps scoring memory."""
 
 
-def scored_token_nll(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token nll (B, T) in fp32 at the scored positions (label != -100, t >= 1), else 0.
+def scored_token_nll(model, hidden: torch.Tensor, labels: torch.Tensor):
+    """Next-token nll (B, T) in fp32 at the scored positions (label != -100, t >= 1), else 0,
+    and that mask of scored positions (B, T).
 
     Only the hidden states that predict a scored token go through the LM head: they are
     gathered into one (N, H) matrix and projected in chunks of HEAD_CHUNK_ELEMENTS, so
@@ -89,7 +90,7 @@ def scored_token_nll(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch
         out[s : s + chunk] = F.cross_entropy(logits, target[s : s + chunk], reduction="none")
     nll = torch.zeros(labels.shape, dtype=torch.float32, device=h.device)
     nll[b, t] = out
-    return nll
+    return nll, mask
 
 
 @torch.no_grad()
@@ -100,9 +101,7 @@ def _forward_stats(model, input_ids, labels, pad_id, alpha, eps, want_tokens=Fal
     lab = _pad(labels, pad_id, -100, device)
     attn = _pad([[1] * len(s) for s in input_ids], pad_id, 0, device)
     hidden, gates = forward(model, ids, attn, body_only=True)  # (B, T, H) final-normed
-    nll = scored_token_nll(model, hidden, lab)
-    mask = lab != -100
-    mask[:, 0] = False
+    nll, mask = scored_token_nll(model, hidden, lab)
     w = token_weights(nll, mask, alpha, eps)  # (B, T)
     gates = gates.float()  # (B, L, T)
     s = losses.weighted_gates(gates, w)  # (B, L)

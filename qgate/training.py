@@ -374,9 +374,7 @@ def _gated_step(model, batch: dict, cfg: WarmupConfig):
     from qgate.scoring import scored_token_nll, token_weights
 
     hidden, gates = forward(model, batch["input_ids"], batch["attention_mask"], body_only=True)
-    nll = scored_token_nll(model, hidden, batch["labels"])  # (B, T); grads flow in mix mode
-    mask = batch["labels"] != -100
-    mask[:, 0] = False
+    nll, mask = scored_token_nll(model, hidden, batch["labels"])  # grads flow in mix mode
     lm = (nll * mask).sum() / mask.sum().clamp(min=1)
     weights = token_weights(nll.detach(), mask, cfg.alpha, 1e-8) if cfg.loss == "contrast" else None
     return lm, gates.float(), mask, weights

@@ -42,7 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qgate.config import ConfigError, ServeConfig, apply_overrides, stage_dir
 from qgate.config import build as build_config
-from qgate.data import INVALID_UTF8, Reject, validate
+from qgate.data import INVALID_UTF8, TOKENIZATION_ERROR, Reject, validate
 
 log = logging.getLogger("qgate.serve")
 
@@ -50,8 +50,6 @@ API_SOURCE = "api"
 """Source name of request samples that do not carry their own ``source``."""
 OPEN_PATHS = ("/healthz",)
 """The only routes served without the API key."""
-TOKENIZATION_ERROR = "tokenization_error"
-"""Per-row reason when the tokenizer or chat template cannot place the sample's loss mask."""
 JSON_ESCAPE_FACTOR = 6
 """Worst-case bytes per character of a JSON string ('\\u0000'): bounds the body size."""
 

@@ -52,7 +52,8 @@ def test_scored_token_nll_matches_full_logits(gated, corpus, monkeypatch):
         want, mask = losses.token_nll(out.logits, lab)
         monkeypatch.setattr(scoring, "HEAD_CHUNK_ELEMENTS", 7 * model.config.vocab_size)
         hidden, _ = forward(model, ids, attn, body_only=True)
-        got = scoring.scored_token_nll(model, hidden, lab)
+        got, got_mask = scoring.scored_token_nll(model, hidden, lab)
+    assert torch.equal(got_mask, mask)
     assert int(mask.sum()) > 7 * 3  # several chunks really ran
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
