@@ -10,6 +10,7 @@ COMMANDS = {
     "tiny-model": ("jobs.tiny_model", "build (and pretrain) the tiny stand-in Qwen3 base"),
     "import-model": ("jobs.import_model", "import a pretrained GGUF (file or package) as HF dir"),
     "convert": ("jobs.convert", "write a gated model directory from a HF checkpoint"),
+    "dedup": ("jobs.dedup", "remove exact and near-duplicate rows (Ray Data)"),
     "warmup": ("jobs.warmup", "stage 1: train the gates on Ray Train"),
     "score": ("jobs.score", "stage 2: score the corpus on Ray Data"),
     "select": ("jobs.select", "select the best, most diverse subset"),

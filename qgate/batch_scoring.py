@@ -1,11 +1,11 @@
 """Stage 2 as a Ray Data job: stream a corpus through a gated-model actor pool, exactly once.
 
-The input is cut into shards of ``rows_per_shard`` rows (per file, by row range). Ray Data
-reads, validates and tokenizes each shard on CPU tasks, then an actor pool holding the gated
-model scores rows with :func:`qgate.scoring.score_batch`. The driver groups results by shard
-and, once a shard has all its rows, writes ``part-<shard>.parquet`` (scored rows, input
-order) and ``rejects/part-<shard>.parquet`` atomically, then a ``_shards/<shard>.json``
-marker. A re-launch skips shards with a marker, so an interrupted job finishes without
+The input is cut into shards of ``rows_per_shard`` rows (per file, by row range). Each
+shard goes whole to an actor of a pool that holds the gated model (:class:`ShardScorer`):
+it reads, validates, tokenizes and scores the rows, and writes ``part-<shard>.parquet``
+(scored rows, input order) and ``rejects/part-<shard>.parquet`` atomically, then a
+``_shards/<shard>.json`` marker; the driver sees one summary per shard. Rows a dedup run
+(``dedup:``) rejected become rejects here with its reason. A re-launch skips shards with a marker, so an interrupted job finishes without
 duplicates. Duplicate sample_ids across shards are resolved at the end (first occurrence
 wins, the others become ``duplicate_id`` rejects), and ``_manifest.json`` is written only
 when rows in == scored + rejected.
@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 from collections import Counter
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from qgate.atomic import write_json, write_parquet
 from qgate.config import ScoreConfig, stage_dir, to_dict
 from qgate.data import (
     DUPLICATE_ID,
@@ -33,6 +33,7 @@ from qgate.data import (
     source_name,
     validate,
 )
+from qgate.minhash import exact_key, sample_text, signatures
 
 PLAN_FILE = "_plan.json"
 MANIFEST_FILE = "_manifest.json"
@@ -48,8 +49,11 @@ class ScoringError(RuntimeError):
 # ----------------------------------------------------------------------------- schema
 
 
-def scores_schema(num_layers: int, dim: int, debug_tokens: bool = False) -> pa.Schema:
-    """The scores row, version 1 (DESIGN.md): fixed-size float32 lists for gate and embedding."""
+def scores_schema(
+    num_layers: int, dim: int, debug_tokens: bool = False, num_perm: int | None = None
+) -> pa.Schema:
+    """The scores row, version 1 (DESIGN.md): fixed-size float32 lists for gate and embedding,
+    and (``num_perm``) the text's exact key and MinHash signature (qgate.minhash)."""
     f32 = pa.float32()
     fields = [
         ("sample_id", pa.string()),
@@ -63,6 +67,8 @@ def scores_schema(num_layers: int, dim: int, debug_tokens: bool = False) -> pa.S
         ("embedding", pa.list_(f32, dim)),
         ("ifd", f32),
     ]
+    if num_perm:
+        fields += [("text_key", pa.binary(16)), ("minhash", pa.list_(pa.uint32(), num_perm))]
     if debug_tokens:
         fields += [("token_nll", pa.list_(f32)), ("token_gates", pa.list_(pa.list_(f32)))]
     return pa.schema(fields, metadata={"qgate_scores_version": str(SCHEMA_VERSION)})
@@ -99,17 +105,26 @@ def plan_shards(paths: list[str], rows_per_shard: int) -> list[dict]:
 # ----------------------------------------------------------------------------- the actor
 
 
-def read_shard(item: dict, scorer) -> list[dict]:
-    """One shard's rows, each tokenized or marked as a reject with a reason (never raises)."""
+def read_shard(item: dict, scorer, minhash=None) -> list[dict]:
+    """One shard's rows, each tokenized or marked as a reject with a reason (never raises).
+
+    ``item["skip"]`` (JSON ``{row_index: [reason, detail]}``) names rows a dedup run removed:
+    they become rejects with its reason. With ``minhash`` (qgate.config.MinHash), scored rows
+    also get their ``text_key`` and ``minhash`` signature.
+    """
     from qgate.data import UNREADABLE_ROW
 
     src = source_name(item["path"])
-    out = []
+    skip = json.loads(item.get("skip") or "{}")
+    out, texts = [], []
     for i, raw in iter_raw(item["path"], item["start"], item["stop"]):
         row = {"row_index": i, "reason": "", "detail": "", "excerpt": "", "truncated": False}
         row["n_tokens"] = 0
         got = validate(raw, src, i)
-        if isinstance(got, dict):
+        if isinstance(got, dict) and str(i) in skip:
+            row["sample_id"], row["source"] = got["sample_id"], got["source"]
+            row["reason"], row["detail"] = skip[str(i)]
+        elif isinstance(got, dict):
             row["sample_id"], row["source"] = got["sample_id"], got["source"]
             try:
                 row |= scorer.tokenize(got["messages"])
@@ -119,10 +134,18 @@ def read_shard(item: dict, scorer) -> list[dict]:
                 row["reason"], row["detail"] = UNREADABLE_ROW, f"{UNREADABLE_ROW}: {e!r}"[:500]
             if row["reason"]:
                 row["excerpt"] = json.dumps(got["messages"], ensure_ascii=False)[:200]
+            elif minhash is not None:
+                row["text_key"] = bytes.fromhex(exact_key(got["messages"]))
+                texts.append(sample_text(got["messages"]))
         else:
             row |= {"sample_id": got.sample_id, "source": got.source, "reason": got.reason}
             row |= {"detail": got.detail, "excerpt": got.excerpt}
         out.append(row)
+    if minhash is not None:
+        sigs = iter(signatures(texts, minhash))
+        for row in out:
+            if "text_key" in row:
+                row["minhash"] = next(sigs)
     return out
 
 
@@ -135,9 +158,11 @@ class ShardScorer:
     """
 
     def __init__(self, base, gates, settings: dict, out: str, runtime: dict, fault=None):
+        from qgate.config import MinHash
         from qgate.scorer import Scorer, ScoringSettings
 
         st = ScoringSettings.from_dict(settings)
+        self.minhash = MinHash.from_dict(st.minhash) if st.minhash else None
         self.scorer = Scorer(
             base,
             gates,
@@ -148,7 +173,10 @@ class ShardScorer:
             debug_tokens=runtime["debug_tokens"],
         )
         self.out, self.window = out, runtime["batch_rows"]
-        self.schema = scores_schema(st.num_layers, st.embedding_dim_out, runtime["debug_tokens"])
+        num_perm = self.minhash.num_perm if self.minhash else None
+        self.schema = scores_schema(
+            st.num_layers, st.embedding_dim_out, runtime["debug_tokens"], num_perm
+        )
         self.fault, self.calls = fault or {}, 0
 
     def __call__(self, batch: dict) -> dict:
@@ -161,13 +189,14 @@ class ShardScorer:
                 open(f["marker"], "w").close()
                 os._exit(1)  # test-only fault injection: this actor process dies once
             item = {k: batch[k][j] for k in ("shard", "path", "start", "stop")}
+            item["skip"] = batch["skip"][j] if "skip" in batch else None
             infos.append(json.dumps(self.run_shard(item)))
         return {"info": np.array(infos, dtype=object)}
 
     def run_shard(self, item: dict) -> dict:
         """Read, score and write one shard; returns its summary."""
         t0 = time.perf_counter()
-        rows = read_shard(item, self.scorer)
+        rows = read_shard(item, self.scorer, self.minhash)
         ok = sorted((r for r in rows if not r["reason"]), key=lambda r: -r["n_tokens"])
         for s in range(0, len(ok), self.window):  # length-sorted windows: little padding
             window = ok[s : s + self.window]
@@ -226,12 +255,6 @@ def score_isolating(scorer, rows: list[dict], max_poison: int = 8) -> list[dict]
 # ----------------------------------------------------------------------------- writing
 
 
-def _write_atomic(table: pa.Table, path: str) -> None:
-    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"  # unique: a retried shard may race its ghost
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
 def _scores_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     cols = {}
     for f in schema:
@@ -239,10 +262,11 @@ def _scores_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
         if f.name == "ifd":
             vals = [None if v is None or np.isnan(v) else float(v) for v in vals]
         elif pa.types.is_fixed_size_list(f.type):
-            flat = (
-                np.asarray(vals, dtype=np.float32).reshape(-1) if vals else np.zeros(0, np.float32)
+            dt = f.type.value_type.to_pandas_dtype()
+            flat = np.asarray(vals, dtype=dt).reshape(-1) if vals else np.zeros(0, dt)
+            cols[f.name] = pa.FixedSizeListArray.from_arrays(
+                pa.array(flat, f.type.value_type), f.type.list_size
             )
-            cols[f.name] = pa.FixedSizeListArray.from_arrays(pa.array(flat), f.type.list_size)
             continue
         elif f.name == "token_gates":
             vals = [[list(map(float, layer)) for layer in v] for v in vals]
@@ -257,9 +281,9 @@ def write_shard(out_dir: str, shard: str, rows: list[dict], schema: pa.Schema) -
     rows = sorted(rows, key=lambda r: r["row_index"])
     good = [r for r in rows if not r["reason"]]
     bad = [r for r in rows if r["reason"]]
-    _write_atomic(_scores_table(good, schema), os.path.join(out_dir, f"part-{shard}.parquet"))
+    write_parquet(_scores_table(good, schema), os.path.join(out_dir, f"part-{shard}.parquet"))
     rej = pa.table({f.name: pa.array([r[f.name] for r in bad], type=f.type) for f in REJECT_SCHEMA})
-    _write_atomic(rej, os.path.join(out_dir, REJECTS_DIR, f"part-{shard}.parquet"))
+    write_parquet(rej, os.path.join(out_dir, REJECTS_DIR, f"part-{shard}.parquet"))
     info = {
         "shard": shard,
         "rows": len(rows),
@@ -268,11 +292,7 @@ def write_shard(out_dir: str, shard: str, rows: list[dict], schema: pa.Schema) -
         "tokens": int(sum(int(r["n_tokens"]) for r in good)),
         "rejects_by_reason": dict(Counter(r["reason"] for r in bad)),
     }
-    marker = os.path.join(out_dir, SHARDS_DIR, f"{shard}.json")
-    tmp = f"{marker}.{uuid.uuid4().hex[:8]}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(info, f)
-    os.replace(tmp, marker)
+    write_json(os.path.join(out_dir, SHARDS_DIR, f"{shard}.json"), info, indent=None)
     return info
 
 
@@ -307,9 +327,9 @@ def resolve_duplicates(out_dir: str, shards: list[str]) -> int:
             },
             schema=REJECT_SCHEMA,
         )
-        _write_atomic(rej, os.path.join(out_dir, REJECTS_DIR, f"dup-{shard}.parquet"))
+        write_parquet(rej, os.path.join(out_dir, REJECTS_DIR, f"dup-{shard}.parquet"))
         keep = np.setdiff1d(np.arange(len(ids)), dup)
-        _write_atomic(table.take(pa.array(keep)), part)
+        write_parquet(table.take(pa.array(keep)), part)
         moved += len(dup)
     return moved
 
@@ -368,6 +388,7 @@ def run_scoring(cfg: ScoreConfig) -> dict:
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     paths = expand_paths(cfg.corpus)
     shards = plan_shards(paths, cfg.rows_per_shard)
+    dedup, minhash = _dedup_inputs(cfg, paths)
     settings = ScoringSettings.for_model(
         cfg.base_model,
         meta,
@@ -379,9 +400,12 @@ def run_scoring(cfg: ScoreConfig) -> dict:
         embedding_dim=cfg.embedding_dim,
         embedding_seed=cfg.embedding_seed,
         ifd=cfg.ifd,
+        minhash=minhash.to_dict() if minhash else None,
     )
     plan = {"shards": shards, **loaded_digests(cfg.base_model, gates)}
     plan["scoring"] = settings.to_dict()
+    if dedup:
+        plan["dedup"] = dedup["identity"]
     plan_path = os.path.join(out, PLAN_FILE)
     if os.path.isfile(plan_path):
         with open(plan_path) as f:
@@ -392,12 +416,17 @@ def run_scoring(cfg: ScoreConfig) -> dict:
                 "(dtype included); use a new output path (or delete it) to score again"
             )
     else:
-        write_json_atomic(plan_path, plan)
+        write_json(plan_path, plan)
 
     done = {
         s[: -len(".json")] for s in os.listdir(os.path.join(out, SHARDS_DIR)) if s.endswith(".json")
     }
-    todo = [s for s in shards if s["shard"] not in done]
+    todo = [dict(s) for s in shards if s["shard"] not in done]
+    for s in todo:  # the rows the dedup run removed, per shard
+        dropped = (dedup or {}).get("dropped", {}).get(s["path"], {})
+        s["skip"] = json.dumps(
+            {str(i): list(v) for i, v in dropped.items() if s["start"] <= i < s["stop"]}
+        )
     expected = {s["shard"]: s["stop"] - s["start"] for s in shards}
     print(
         f"[score] {len(shards)} shards, {len(done)} already complete, {len(todo)} to score "
@@ -446,17 +475,9 @@ def run_scoring(cfg: ScoreConfig) -> dict:
         "started_at": started,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    write_json_atomic(os.path.join(out, MANIFEST_FILE), manifest)
+    write_json(os.path.join(out, MANIFEST_FILE), manifest)
     manifest["output"] = out
     return manifest
-
-
-def write_json_atomic(path: str, obj) -> None:
-    """Write JSON via a unique temp file + rename, so readers never see half a file."""
-    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _fault() -> dict:
@@ -468,6 +489,29 @@ def _fault() -> dict:
         "marker": env.get("QGATE_FAULT_MARKER", ""),
         "stop_after_shards": int(env.get("QGATE_FAULT_STOP_AFTER_SHARDS", "0") or 0),
     }
+
+
+def _dedup_inputs(cfg: ScoreConfig, paths: list[str]):
+    """(the dedup run's rows to skip and identity, or None; the MinHash settings to sign with).
+
+    A dedup run must have read the same corpus paths; its signature settings win, so the
+    scores' minhash column compares with its kept rows.
+    """
+    from qgate import dedup as dedup_mod
+    from qgate.config import MinHash
+
+    if not cfg.dedup:
+        return None, cfg.minhash
+    m = dedup_mod.read_manifest(cfg.dedup)
+    if m["inputs"] != paths:
+        raise ScoringError(
+            f"the dedup run {cfg.dedup} read {m['inputs']}, but this corpus is {paths}; dedup the"
+            " same corpus paths you score"
+        )
+    identity = {"dir": os.path.abspath(cfg.dedup), "kept": m["kept"], "rejected": m["rejected"]}
+    identity["minhash"] = m["minhash"]
+    dropped = dedup_mod.dropped_rows(cfg.dedup)
+    return {"identity": identity, "dropped": dropped}, MinHash.from_dict(m["minhash"])
 
 
 def actor_layout(cfg: ScoreConfig, cluster_cpus: float) -> tuple[float, int]:

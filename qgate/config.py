@@ -12,7 +12,8 @@ import dataclasses
 import os
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Literal, Union
 
 import yaml
@@ -43,6 +44,50 @@ class Scaling:
 
     def __post_init__(self):
         _check(self.num_workers >= 1, "scaling.num_workers", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class MinHash:
+    """How signatures are made and compared. Two signatures are comparable only when made
+    with equal settings (the scores manifest and the dedup manifest record them)."""
+
+    num_perm: int = 128
+    ngram: int = 5
+    unit: str = "char"
+    """'char': character n-grams of the normalised text (robust on short rows); 'word'."""
+    threshold: float = 0.8
+    """Estimated Jaccard similarity at or above which two samples are near-duplicates."""
+    seed: int = 1
+
+    def __post_init__(self):
+        if self.unit not in ("char", "word"):
+            raise ConfigError(f"minhash.unit must be 'char' or 'word', not {self.unit!r}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise ConfigError(f"minhash.threshold must be in (0, 1], not {self.threshold}")
+        if self.ngram < 1 or self.num_perm < 2:
+            raise ConfigError("minhash: ngram must be >= 1 and num_perm >= 2")
+
+    def to_dict(self) -> dict:
+        """Plain dict for manifests."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> MinHash:
+        """Settings from a manifest block (None: the defaults); unknown keys are refused."""
+        d = dict(d or {})
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown minhash settings: {sorted(unknown)}")
+        return cls(**d)
+
+    @cached_property
+    def bands(self) -> tuple[int, int]:
+        """(bands, rows per band) minimising false positives + negatives at the threshold
+        (datasketch's own choice for MinHashLSH)."""
+        from datasketch import MinHashLSH
+
+        lsh = MinHashLSH(threshold=self.threshold, num_perm=self.num_perm)
+        return int(lsh.b), int(lsh.r)
 
 
 @dataclass
@@ -228,6 +273,40 @@ class Actors:
 
 
 @dataclass
+class DedupConfig:
+    """Exact and near-duplicate removal over a corpus (a Ray Data job, before scoring)."""
+
+    run_dir: str = "runs/demo"
+    corpus: list[str] = field(default_factory=list)
+    output: str | None = None
+    """Default RUN/dedup."""
+    exact: bool = True
+    """Remove copies with the same prompt and answer up to case and whitespace."""
+    near: bool = True
+    """Remove near-copies: MinHash + LSH, at or above minhash.threshold."""
+    minhash: MinHash = field(default_factory=MinHash)
+    keep: Literal["first", "best"] = "first"
+    """Which member of a duplicate cluster stays: the first in input order, or the best
+    ``score`` in ``keep_scores`` (ties and unscored rows: input order)."""
+    keep_scores: str | None = None
+    """A selection.parquet whose ``score`` column ranks members for ``keep: best``."""
+    rows_per_shard: int = 20000
+    """Input rows per signature task (the unit of resume)."""
+    num_cpus: float = 1.0
+    """CPUs per signature task."""
+
+    def __post_init__(self):
+        _check(bool(self.corpus), "corpus", "needs at least one path")
+        _check(self.rows_per_shard >= 1, "rows_per_shard", "must be >= 1")
+        _check(
+            self.keep != "best" or bool(self.keep_scores),
+            "keep_scores",
+            "is required with keep: best (a selection.parquet)",
+        )
+        _check(self.exact or self.near, "exact", "exact and near are both off: nothing to do")
+
+
+@dataclass
 class ScoreConfig:
     """Stage 2: score every corpus row with the gated model."""
 
@@ -260,6 +339,12 @@ class ScoreConfig:
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """auto: bf16 on GPUs and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32."""
+    dedup: str | None = None
+    """A finished dedup run's directory: the rows it removed become rejects here, with its
+    reason (duplicate_text / near_duplicate), and are not scored."""
+    minhash: MinHash | None = field(default_factory=MinHash)
+    """Signature settings of the ``minhash`` column (null: no column). A dedup run's own
+    settings win when ``dedup`` is set, so both compare alike."""
 
     def __post_init__(self):
         _check(bool(self.base_model), "base_model", "is required")

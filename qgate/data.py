@@ -42,6 +42,8 @@ TOKENIZATION_ERROR = "tokenization_error"
 NO_ANSWER_AFTER_TRUNCATION = "no_answer_after_truncation"
 SCORING_ERROR = "scoring_error"
 UNREADABLE_ROW = "unreadable_row"
+DUPLICATE_TEXT = "duplicate_text"
+NEAR_DUPLICATE = "near_duplicate"
 
 # The one documented list of reasons: every reject row in every stage carries one of these.
 REASON_DOCS: dict[str, str] = {
@@ -64,6 +66,10 @@ REASON_DOCS: dict[str, str] = {
     "scoring actor)",
     UNREADABLE_ROW: "any other error while reading or validating this one row (the message "
     "says which)",
+    DUPLICATE_TEXT: "the same prompt and answer (up to case and whitespace) as the kept row "
+    "kept_id (dedup)",
+    NEAR_DUPLICATE: "MinHash similarity to the kept row kept_id at or above the dedup "
+    "threshold (dedup, or a commit to the selection log)",
 }
 REJECT_REASONS = tuple(REASON_DOCS)
 

@@ -41,6 +41,8 @@ class ScoringSettings:
     ifd: bool
     dtype: str = "float32"
     """The dtype the model ran in ('float32' or 'bfloat16'): it changes nll, gates, embedding."""
+    minhash: dict | None = None
+    """qgate.config.MinHash settings of the ``minhash`` column (None: no column)."""
 
     @classmethod
     def for_model(cls, base_model: str, gate_meta, dtype: str, **score_args) -> ScoringSettings:
