@@ -590,16 +590,23 @@ def pick_downstream(rows: list[dict], budget: float, top: int, default: str | No
 
 
 def run_downstream(
-    cond: dict, corpus: dict, out: str, st: Settings, budget: float, seeds: list[int]
+    cond: dict,
+    corpus: dict,
+    out: str,
+    st: Settings,
+    budget: float,
+    seeds: list[int],
+    methods: list[str] | None = None,
 ) -> dict:
-    """Finetune + exact match for the best methods, random and the full pool, per seed."""
+    """Finetune + exact match for the best methods (or ``methods``), random and the full
+    pool, per seed."""
     from qgate.config import SelectConfig
     from qgate.selection import run_selection
 
     base = cond["base"]
     default = default_method_name()
-    names = pick_downstream(cond["rows"], budget, st.downstream_top, default)
-    names = [*names, "random"]
+    names = methods or pick_downstream(cond["rows"], budget, st.downstream_top, default)
+    names = [*(n for n in names if n != "random"), "random"]
     by_name = {r["method"]: r for r in cond["rows"]}
     print(f"\n=== downstream at {budget:g}: {names} + full pool, seeds {seeds}", flush=True)
     results: dict = {"budget": budget, "seeds": seeds, "methods": {}}
@@ -781,6 +788,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", default=os.path.join(REPO, "runs", "bench_quality"))
     ap.add_argument("--tiny", action="store_true", help="CI size: tiny, no downstream")
     ap.add_argument(
+        "--downstream-from",
+        metavar="QUALITY_JSON",
+        help="run only the downstream track, on the scores of an earlier run's main condition "
+        "(its quality.json); the selection table is taken from there",
+    )
+    ap.add_argument(
+        "--downstream-methods",
+        nargs="+",
+        help="the selection methods finetuned downstream (default: the best few by noise share,"
+        " plus the package default); random and the full pool are always added",
+    )
+    ap.add_argument(
         "--base-model",
         help="a real pretrained HF model dir (e.g. from `qgate import-model smollm2`) used as "
         "the base instead of the stand-ins: no pretraining, one 'real' condition per corpus",
@@ -818,9 +837,53 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        if args.downstream_from:
+            return run_downstream_only(args, argv, st, budgets[-1])
         return run(args, argv, st, downstream, budgets)
     finally:
         torch.set_num_threads(threads)
+
+
+def run_downstream_only(args, argv, st: Settings, budget: float) -> int:
+    """The downstream track alone, on the main condition of an earlier run's quality.json
+    (its scores and corpus files are reused, nothing is rescored)."""
+    command = "python bench/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    print(f"$ {command.strip()}\nmachine: {machine()}", flush=True)
+    with open(args.downstream_from) as f:
+        earlier = json.load(f)
+    cond = earlier["conditions"][0]
+    cdir = os.path.dirname(os.path.dirname(os.path.dirname(cond["runs"]["probe_linear"]["scores"])))
+    corpus = {split: os.path.join(cdir, "data", f"{split}.jsonl") for split in ("pool", "test")}
+    t0 = time.perf_counter()
+    result = run_downstream(
+        cond,
+        corpus,
+        os.path.join(args.out, "downstream"),
+        st,
+        budget,
+        args.seeds,
+        args.downstream_methods,
+    )
+    wall = time.perf_counter() - t0
+    text = "\n".join(
+        [
+            f"$ {command.strip()}",
+            f"machine: {machine()}",
+            f"scores from: {args.downstream_from} (condition {cond['condition']})",
+            f"settings: {json.dumps(st.__dict__)}",
+            "",
+            downstream_table(result),
+            "",
+            f"wall time {wall:.0f}s",
+        ]
+    )
+    print("\n" + text, flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "downstream.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(args.out, "downstream.json"), "w") as f:
+        json.dump({"command": command, "downstream": result, "wall_s": wall}, f, indent=1)
+    return 0
 
 
 def run(args, argv, st: Settings, downstream: bool, budgets: list[float]) -> int:

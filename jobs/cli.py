@@ -14,6 +14,7 @@ COMMANDS = {
     "warmup": ("jobs.warmup", "stage 1: train the gates on Ray Train"),
     "score": ("jobs.score", "stage 2: score the corpus on Ray Data"),
     "select": ("jobs.select", "select the best, most diverse subset"),
+    "extend": ("jobs.extend", "grow the selection with newly scored rows (selection log)"),
     "finetune": ("jobs.finetune", "stage 3: LoRA-finetune a target on the selection"),
     "evaluate": ("jobs.evaluate", "evaluate a model (and adapter) with lm-eval"),
     "serve": ("jobs.serve", "run the scoring endpoint locally (Ray Serve + FastAPI)"),

@@ -376,6 +376,10 @@ class SelectConfig:
     run_dir: str = "runs/demo"
     scores: str | None = None
     """Scores directory (default RUN/scores)."""
+    more_scores: list[str] = field(default_factory=list)
+    """Further scores directories selected together with ``scores`` (same model, gates and
+    scoring settings): how a grown pool is recalibrated after ``qgate extend`` runs. Set
+    ``corpus`` to every scored corpus then."""
     corpus: list[str] = field(default_factory=list)
     """The scored corpus, to join selected rows back (same paths as the score stage)."""
     output: str | None = None
@@ -437,6 +441,45 @@ class SelectConfig:
         if self.diversity is not None:
             return self.diversity
         return self.method == "quality_gate"
+
+
+@dataclass
+class ExtendConfig:
+    """Incremental selection: decide newly scored rows under an existing reference and
+    append the passing ones to the selection log (nothing already scored is rescored)."""
+
+    run_dir: str = "runs/demo"
+    scores: list[str] = field(default_factory=list)
+    """The new rows' scores directories (scored with the reference's model and settings)."""
+    corpus: list[str] = field(default_factory=list)
+    """The new rows' corpus files (default: what those scores' manifests read)."""
+    reference: str | None = None
+    """Default RUN/selection/reference.json."""
+    pool_scores: list[str] | None = None
+    """Scores whose rows new ones must not copy (default: the reference's own scores)."""
+    log: str | None = None
+    """The selection log (default RUN/selection/log.jsonl)."""
+    max_commits: int | None = None
+    """Quota: the log holds at most this many samples (null: no cap)."""
+    recalibrate_after: float = 0.2
+    """Warn to recalibrate once the log holds this share of the reference's scored pool."""
+
+    def __post_init__(self):
+        _check(bool(self.scores), "scores", "needs at least one scores directory")
+        _check(self.max_commits is None or self.max_commits >= 0, "max_commits", "must be >= 0")
+        _check(self.recalibrate_after > 0, "recalibrate_after", "must be > 0")
+
+    @property
+    def reference_path(self) -> str:
+        """reference, or RUN/selection/reference.json."""
+        return self.reference or os.path.join(
+            stage_dir(self.run_dir, "selection"), "reference.json"
+        )
+
+    @property
+    def log_path(self) -> str:
+        """log, or RUN/selection/log.jsonl."""
+        return self.log or os.path.join(stage_dir(self.run_dir, "selection"), "log.jsonl")
 
 
 LOCAL_TASK = "qgate_synth"
@@ -539,6 +582,10 @@ class ServeConfig:
     """Gates directory (default: the gates recorded in the scores manifest)."""
     check_digests: bool = True
     """Refuse to start when the model/gates differ from those the reference was scored with."""
+    selection_log: str | None = None
+    """Where ``/v1/select`` with ``commit: true`` appends (default RUN/selection/log.jsonl)."""
+    commit_quota: int | None = None
+    """The selection log holds at most this many samples (null: no cap)."""
     device: str = "auto"
     """'auto' (cuda when visible), 'cpu', 'cuda' or 'cuda:N'."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"

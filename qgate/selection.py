@@ -135,6 +135,26 @@ def score_parts(scores_dir: str, manifest: dict) -> list[str]:
     return parts
 
 
+COMPARABLE_KEYS = ("scoring", "model_digest", "gates_digest")
+"""What two scores directories must share to be ranked together."""
+
+
+def merge_manifest(manifest: dict, scores_dir: str) -> tuple[dict, list[str]]:
+    """Add another scores directory to a selection: (the summed manifest, its part files).
+    Raises when its model, gates or scoring settings differ."""
+    other = read_manifest(scores_dir)
+    bad = [k for k in COMPARABLE_KEYS if other.get(k) != manifest.get(k)]
+    if bad:
+        raise SelectionError(
+            f"{scores_dir} was scored with other {bad} than the first scores directory; their"
+            " scores cannot be ranked together"
+        )
+    merged = dict(manifest)
+    for k in ("rows_in", "scored", "rejected"):
+        merged[k] = manifest[k] + other[k]
+    return merged, score_parts(scores_dir, other)
+
+
 def iter_score_batches(
     parts: Sequence[str], columns: Sequence[str], batch_rows: int = BATCH_ROWS
 ) -> Iterator[tuple[int, pa.RecordBatch]]:
@@ -651,6 +671,9 @@ def compute_selection(cfg: SelectConfig, scores_dir: str | None = None) -> Selec
 
     manifest = read_manifest(scores_dir)
     parts = score_parts(scores_dir, manifest)
+    for extra in cfg.more_scores:
+        manifest, more = merge_manifest(manifest, extra)
+        parts += more
     pool = _read_pool(parts, manifest)
     lap("read_stats")
     n = pool.order.size

@@ -346,10 +346,6 @@ STAGES = {
 # ----------------------------------------------------------------------------- worker loop
 
 
-def _unwrap(model):
-    return model.module if hasattr(model, "module") else model
-
-
 def _save_checkpoint(path, model, meta, trainable, optimizer, scheduler, step, history, export):
     os.makedirs(path, exist_ok=True)
     state = {
@@ -361,7 +357,7 @@ def _save_checkpoint(path, model, meta, trainable, optimizer, scheduler, step, h
     torch.save(state, os.path.join(path, STATE_FILE))
     with open(os.path.join(path, METRICS_FILE), "w") as f:
         f.writelines(json.dumps(m) + "\n" for m in history)
-    export(_unwrap(model), meta, os.path.join(path, ARTIFACT_DIR))
+    export(model, meta, os.path.join(path, ARTIFACT_DIR))
 
 
 def _gated_step(model, batch: dict, cfg: WarmupConfig):
@@ -380,13 +376,30 @@ def _gated_step(model, batch: dict, cfg: WarmupConfig):
     return lm, gates.float(), mask, weights
 
 
+def _lm_step(model, batch: dict) -> torch.Tensor:
+    """Finetune forward: the decoder body, then the LM head only at the labelled positions
+    (mean nll over them), so no (B, T, V) logits are built for prompt or padding tokens."""
+    from qgate.model import forward
+    from qgate.scoring import scored_token_nll
+
+    hidden, _ = forward(
+        model, batch["input_ids"], batch["attention_mask"], return_gates=False, body_only=True
+    )
+    nll, mask = scored_token_nll(model, hidden, batch["labels"])
+    return (nll * mask).sum() / mask.sum().clamp(min=1)
+
+
 def _all_reduce_grads(params: list, world: int) -> None:
-    """Average gradients over ranks (what DDP would do, for a model that is not wrapped)."""
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        torch.distributed.all_reduce(p.grad)
-        p.grad /= world
+    """Average gradients over ranks in one flat all-reduce (what DDP would do, for a model
+    that is not wrapped: both stages train a few million weights at most)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
 
 
 def train_loop(loop_cfg: dict) -> None:
@@ -443,10 +456,9 @@ def train_loop(loop_cfg: dict) -> None:
                 f"[{stage}] resumed from checkpoint at step {step}/{plan.total_steps}", flush=True
             )
 
-    # Warmup trains a few thousand gate weights: their gradients are all-reduced by hand
-    # (below), so the gated model keeps its body-only forward. Finetune uses DDP.
-    ddp = world > 1 and not quality
-    model = ray.train.torch.prepare_model(model) if ddp else model.to(device)
+    # Both stages train few weights (gates, LoRA adapters): their gradients are all-reduced
+    # by hand (below), so the model keeps its body-only forward (DDP needs its own forward).
+    model = model.to(device)
     from qgate.hardware import resolve_dtype
 
     use_amp = resolve_dtype(cfg.dtype, device) == torch.bfloat16  # bf16 autocast, fp32 masters
@@ -467,10 +479,7 @@ def train_loop(loop_cfg: dict) -> None:
                 if quality:
                     lm, gates, mask, weights = _gated_step(model, batch, cfg)
                 else:
-                    out = model(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                    )
-                    lm, _ = losses.lm_loss(out.logits, batch["labels"])
+                    lm = _lm_step(model, batch)
             loss = lm
             if quality:
                 ql = losses.quality_loss(
@@ -484,7 +493,7 @@ def train_loop(loop_cfg: dict) -> None:
             window["lm"] += lm.item()
             window["n"] += 1
             window["tokens"] += int(batch["attention_mask"].sum())
-        if world > 1 and not ddp:
+        if world > 1:
             _all_reduce_grads(params, world)
         optimizer.step()
         scheduler.step()

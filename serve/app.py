@@ -94,6 +94,11 @@ class ScoreRequest(BaseModel):
         alias="return",
         description="Extra per-sample fields to return.",
     )
+    commit: bool = Field(
+        False,
+        description="/v1/select only: append the selected samples to the selection log "
+        "(idempotent by sample_id; copies of pool or logged samples are refused).",
+    )
 
 
 class RowError(BaseModel):
@@ -128,6 +133,14 @@ class SampleDecision(SampleScore):
     cluster: int | None = Field(None, description="Nearest diversity cluster (null: none).")
     selected: bool | None = Field(None, description="score >= the cluster's cutoff.")
     margin: float | None = Field(None, description="score - cutoff; negative: not selected.")
+    commit_status: str | None = Field(
+        None,
+        description="With commit: committed, already_committed, duplicate_text, "
+        "near_duplicate, budget_exhausted or not_selected.",
+    )
+    kept_id: str | None = Field(
+        None, description="The pool or logged sample this one copies (duplicate statuses)."
+    )
 
 
 class ScoreResponse(BaseModel):
@@ -141,6 +154,7 @@ class SelectResponse(BaseModel):
     n_scored: int
     n_errors: int
     n_selected: int
+    n_committed: int | None = None
     method: str
 
 
@@ -353,6 +367,7 @@ def resolve_artifacts(cfg: ServeConfig) -> dict:
         )
     gates = cfg.gates if cfg.gates else (manifest or {}).get("gates")
     return {
+        "scores_dir": scores_dir,
         "reference": reference,
         "reference_path": ref_path,
         "reference_digest": ref_digest,
@@ -402,6 +417,11 @@ class QGateModel:
             loader=loader,
         )
         meta, device = self.scorer.meta, self.scorer.device
+        self.scores_dir = art["scores_dir"]
+        self.log_path = cfg.selection_log or os.path.join(
+            stage_dir(cfg.run_dir, "selection"), "log.jsonl"
+        )
+        self.log = None
         self._score_many.set_max_batch_size(cfg.max_batch_size)
         self._score_many.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self.info_block = {
@@ -428,6 +448,31 @@ class QGateModel:
     def info(self) -> dict:
         """Model, gates and reference identity, scoring settings, and batching counters."""
         return {**self.info_block, "batching": dict(self.counters)}
+
+    async def commit(self, entries: list[dict]) -> list[dict]:
+        """Append selected samples to the selection log (qgate.selection_log); the log is
+        opened on the first commit, with the pool's signatures for the copy checks."""
+        return await asyncio.to_thread(self._commit_sync, entries)
+
+    def _commit_sync(self, entries: list[dict]) -> list[dict]:
+        from qgate.config import MinHash
+        from qgate.minhash import exact_key, message_signatures
+        from qgate.selection_log import SelectionLog, pool_identity
+
+        if self.log is None:
+            block = self.s.minhash
+            mh = MinHash.from_dict(block) if block else None
+            pool = pool_identity([self.scores_dir]) if mh else None
+            self.log = SelectionLog(self.log_path, mh, pool, self.cfg.commit_quota)
+        mh = self.log.minhash
+        sigs = message_signatures([e["messages"] for e in entries], mh) if mh else None
+        for i, e in enumerate(entries):
+            e["text_key"] = exact_key(e["messages"])
+            if sigs is not None:
+                e["minhash"] = sigs[i].tolist()
+            e |= {"method": self.info_block["method"], "via": "serve"}
+            e["reference_digest"] = self.info_block["reference_digest"]
+        return self.log.commit(entries)
 
     async def score_rows(self, rows: list[dict]) -> list[dict]:
         """Score one request's canonical rows. Each row goes into the dynamic batch on its
@@ -561,6 +606,8 @@ class QGateAPI:
         responses=_ERRORS,
     )
     async def score(self, body: ScoreRequest):
+        if body.commit:
+            raise APIError(422, "commit_needs_select", "commit applies to /v1/select only")
         results = await self._run(body, decide=False)
         return ScoreResponse(
             results=results,
@@ -578,16 +625,42 @@ class QGateAPI:
     async def select(self, body: ScoreRequest):
         if self.cfg.score_only:
             raise APIError(409, "no_reference", "this endpoint runs score_only: no decisions")
-        results = await self._run(body, decide=True)
+        results, rows = await self._run(body, decide=True, with_rows=True)
         if self._method is None:
             self._method = (await self.model.info.remote())["method"]
+        n_committed = await self._commit(results, rows) if body.commit else None
         return SelectResponse(
             results=results,
             n_scored=sum(1 for r in results if r.error is None),
             n_errors=sum(1 for r in results if r.error is not None),
             n_selected=sum(1 for r in results if r.selected),
+            n_committed=n_committed,
             method=self._method,
         )
+
+    async def _commit(self, results: list, rows: list) -> int:
+        """Send the selected samples to the log; mark every result with its commit status."""
+        from qgate.selection_log import COMMITTED, NOT_SELECTED
+
+        chosen = [r for r in results if r.selected]
+        entries = [
+            {
+                "id": r.sample_id,
+                "source": r.source,
+                "messages": rows[r.index]["messages"],
+                "score": r.score,
+                "q": r.q,
+                "margin": r.margin,
+            }
+            for r in chosen
+        ]
+        statuses = await self.model.commit.remote(entries) if entries else []
+        for r in results:
+            if r.error is None and not r.selected:
+                r.commit_status = NOT_SELECTED
+        for r, st in zip(chosen, statuses, strict=True):
+            r.commit_status, r.kept_id = st["status"], st["kept_id"]
+        return sum(1 for st in statuses if st["status"] == COMMITTED)
 
     def _check_limits(self, body: ScoreRequest) -> list[str]:
         """413/422 for too many samples or an over-long one; returns each sample as JSON."""
@@ -623,7 +696,7 @@ class QGateAPI:
             return Reject(sid, API_SOURCE, INVALID_UTF8, detail, "")
         return validate(raw, API_SOURCE)
 
-    async def _run(self, body: ScoreRequest, decide: bool) -> list:
+    async def _run(self, body: ScoreRequest, decide: bool, with_rows: bool = False):
         texts = self._check_limits(body)
         cls = SampleDecision if decide else SampleScore
         rows = [self._validate(raw, t) for raw, t in zip(body.samples, texts, strict=True)]
@@ -646,7 +719,7 @@ class QGateAPI:
             if decide:
                 fields += ["score", "cluster", "selected", "margin"]
             results.append(cls(**base, **{k: _finite(out[k]) for k in fields}))
-        return results
+        return (results, rows) if with_rows else results
 
 
 # ----------------------------------------------------------------------------- builders

@@ -215,6 +215,43 @@ def test_samples_of_concurrent_requests_share_batches(server):
     assert after["largest_batch"] > 1
 
 
+def test_commit_appends_selected_once_and_refuses_copies(server, artifacts):
+    """Guards against a retried or concurrent commit appending twice, a copy of a pool row
+    being committed, or an unselected sample entering the log."""
+    from qgate.selection_log import read_log
+    from qgate.synthetic import generate_corpus
+
+    fresh_dir = os.path.join(artifacts["run"], "fresh")
+    fresh = _rows(generate_corpus(fresh_dir, seed=11, n_pool=32, n_target=2, n_test=2)["pool"])
+    fresh = [dict(r, id=f"fresh-{r['id']}") for r in fresh]
+    bodies = [{"samples": c, "commit": True} for c in _chunks(fresh, MAX_SAMPLES)]
+    replies = _post_many(server["url"], "/v1/select", bodies + bodies)  # each sent twice
+    log_path = os.path.join(artifacts["run"], "selection", "log.jsonl")
+    logged = [e["id"] for e in read_log(log_path)]
+    selected = {r["sample_id"] for reply in replies for r in reply["results"] if r.get("selected")}
+    assert len(logged) == len(set(logged)) and set(logged) <= selected
+    assert sum(r["n_committed"] for r in replies) == len(logged) > 0
+    statuses = [
+        r["commit_status"] for reply in replies for r in reply["results"] if "error" not in r
+    ]
+    assert statuses.count("committed") == len(logged)
+    assert statuses.count("already_committed") >= len(logged)  # the second copy of each
+    for reply in replies:
+        for r in reply["results"]:
+            if "error" not in r and not r["selected"]:
+                assert r["commit_status"] == "not_selected"
+    # a selected pool row sent again under a new id is a copy of the pool row
+    pool = artifacts["pool"]
+    chosen = next(p for p in pool if artifacts["selection"].get(str(p["id"]), {}).get("selected"))
+    twin = dict(chosen, id="twin-of-" + str(chosen["id"]))
+    r = _post(server, "/v1/select", {"samples": [twin], "commit": True}).json()["results"][0]
+    if r["selected"]:
+        assert r["commit_status"] == "duplicate_text" and r["kept_id"] == str(chosen["id"])
+    assert "twin-of-" + str(chosen["id"]) not in [e["id"] for e in read_log(log_path)]
+    # commit is /v1/select's; an unknown key is refused
+    assert _post(server, "/v1/score", {"samples": [twin], "commit": True}).status_code == 422
+
+
 # ----------------------------------------------------------------------------- auth
 
 
