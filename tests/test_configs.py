@@ -19,6 +19,8 @@ CLASSES = {
     "select": C.SelectConfig,
     "finetune": C.FinetuneConfig,
     "evaluate": C.EvaluateConfig,
+    "dedup": C.DedupConfig,
+    "extend": C.ExtendConfig,
 }
 ALL_YAML = sorted(
     glob.glob(os.path.join(REPO, "jobs/configs/*.yaml"))
