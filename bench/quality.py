@@ -38,6 +38,7 @@ import shlex
 import shutil
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -498,6 +499,128 @@ def run_condition(
     }
 
 
+# ----------------------------------------------------------------------------- dedup
+
+DEDUP_METHODS = (
+    "random",
+    "perplexity",
+    "ifd",
+    "worst_rank(ppl,ifd) src",
+    "worst_rank(contrast gate,ppl,ifd) src",
+)
+"""The methods whose selections are measured with and without dedup."""
+
+
+def dedup_effect(cond: dict, corpus: dict, out: str, budget: float) -> dict:
+    """Dedup the pool (jobs/configs/dedup.yaml settings), then select each method's budget
+    with and without the copies as candidates; noise shares overall and per kind."""
+    import pyarrow.parquet as pq
+
+    from qgate.config import DedupConfig, SelectConfig, load_config
+    from qgate.dedup import run_dedup
+    from qgate.report import label_metrics, read_labels
+    from qgate.selection import compute_selection
+
+    dd = os.path.join(out, "dedup")
+    shutil.rmtree(dd, ignore_errors=True)
+    dcfg = load_config(
+        DedupConfig,
+        os.path.join(REPO, "jobs", "configs", "dedup.yaml"),
+        [f"corpus=[{corpus['pool']}]", f"output={dd}"],
+    )
+    t0 = time.perf_counter()
+    m = run_dedup(dcfg)
+    labels = read_labels([corpus["pool"]], "noise")
+    removed = pq.read_table(os.path.join(dd, "rejects", "dedup.parquet"), columns=["sample_id"])
+    removed_kinds = Counter(labels.get(i) for i in removed.column(0).to_pylist())
+    result = {
+        "condition": cond["condition"],
+        "budget": budget,
+        "dedup_s": time.perf_counter() - t0,
+        "removed": m["rejects_by_reason"],
+        "removed_by_kind": dict(sorted((str(k), v) for k, v in removed_kinds.items())),
+        "methods": {},
+    }
+    names = {r["method"] for r in cond["rows"]}
+    for name in (n for n in DEDUP_METHODS if n in names):
+        method = next(x for x in METHODS if x.name == name)
+        scores = cond["runs"][method.gate]["scores"]
+        per = {}
+        for variant, extra in (("without", {}), ("with", {"dedup": dd})):
+            cfg = SelectConfig(
+                scores=scores,
+                corpus=[corpus["pool"]],
+                budget_ratio=budget,
+                report=False,
+                **method.select,
+                **extra,
+            )
+            lm = label_metrics(compute_selection(cfg).table, labels)
+            per[variant] = {
+                "noise_share": lm["noise_share_selected"],
+                "type_share": {t: lm["selected_share"].get(t, 0.0) for t in NOISE_ORDER},
+            }
+        result["methods"][name] = per
+    return result
+
+
+def dedup_table(results: list[dict]) -> str:
+    """Noise share of each method's selection without and with dedup, per kind with it."""
+    head = ["condition", "method", "noise without dedup", "noise with dedup"]
+    head += [f"{t} (with)" for t in NOISE_ORDER]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for res in results:
+        for name, per in res["methods"].items():
+            cells = [res["condition"], name, _pct(per["without"]["noise_share"])]
+            cells.append(_pct(per["with"]["noise_share"]))
+            cells += [_pct(per["with"]["type_share"][t]) for t in NOISE_ORDER]
+            lines.append("| " + " | ".join(cells) + " |")
+    notes = [
+        f"{r['condition']}: dedup removed {sum(r['removed'].values())} rows {r['removed']}"
+        f" ({r['dedup_s']:.0f}s); by noise kind {r['removed_by_kind']}"
+        for r in results
+    ]
+    return "\n".join(lines + [""] + notes)
+
+
+def run_dedup_only(args, argv, budget: float) -> int:
+    """The dedup table alone, on every condition of an earlier run's quality.json."""
+    command = "python bench/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    print(f"$ {command.strip()}\nmachine: {machine()}", flush=True)
+    with open(args.dedup_from) as f:
+        earlier = json.load(f)
+    t0 = time.perf_counter()
+    results = []
+    for cond in earlier["conditions"]:
+        corpus = _condition_corpus(cond)
+        out = os.path.join(args.out, cond["condition"].replace(" ", "_"))
+        results.append(dedup_effect(cond, corpus, out, budget))
+    text = "\n".join(
+        [
+            f"$ {command.strip()}",
+            f"scores from: {args.dedup_from}",
+            "",
+            dedup_table(results),
+            "",
+            f"wall time {time.perf_counter() - t0:.0f}s; machine after: {machine()}",
+        ]
+    )
+    print("\n" + text, flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "dedup.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(args.out, "dedup.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return 0
+
+
+def _condition_corpus(cond: dict) -> dict:
+    """The corpus files of a condition of an earlier run (beside its scores)."""
+    scores = next(iter(cond["runs"].values()))["scores"]
+    cdir = os.path.dirname(os.path.dirname(os.path.dirname(scores)))
+    return {split: os.path.join(cdir, "data", f"{split}.jsonl") for split in ("pool", "test")}
+
+
 # ----------------------------------------------------------------------------- downstream
 
 
@@ -794,6 +917,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(its quality.json); the selection table is taken from there",
     )
     ap.add_argument(
+        "--dedup-from",
+        metavar="QUALITY_JSON",
+        help="run only the dedup table (noise share with and without dedup), on the scores of"
+        " an earlier run's conditions (its quality.json)",
+    )
+    ap.add_argument(
         "--downstream-methods",
         nargs="+",
         help="the selection methods finetuned downstream (default: the best few by noise share,"
@@ -839,6 +968,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.downstream_from:
             return run_downstream_only(args, argv, st, budgets[-1])
+        if args.dedup_from:
+            return run_dedup_only(args, argv, budgets[-1])
         return run(args, argv, st, downstream, budgets)
     finally:
         torch.set_num_threads(threads)
@@ -852,8 +983,7 @@ def run_downstream_only(args, argv, st: Settings, budget: float) -> int:
     with open(args.downstream_from) as f:
         earlier = json.load(f)
     cond = earlier["conditions"][0]
-    cdir = os.path.dirname(os.path.dirname(os.path.dirname(cond["runs"]["probe_linear"]["scores"])))
-    corpus = {split: os.path.join(cdir, "data", f"{split}.jsonl") for split in ("pool", "test")}
+    corpus = _condition_corpus(cond)
     t0 = time.perf_counter()
     result = run_downstream(
         cond,
@@ -899,7 +1029,7 @@ def run(args, argv, st: Settings, downstream: bool, budgets: list[float]) -> int
     corpora = [("A", args.seed, args.families)]
     if st.generalisation:
         corpora.append(("B", args.gen_seed, args.gen_families))
-    conditions, downstream_result, corpus_info = [], None, {}
+    conditions, downstream_result, corpus_info, dedups = [], None, {}, []
     for tag, seed, families in corpora:
         cdir = os.path.join(args.out, f"corpus_{tag}")
         shutil.rmtree(cdir, ignore_errors=True)
@@ -937,6 +1067,17 @@ def run(args, argv, st: Settings, downstream: bool, budgets: list[float]) -> int
                 targets,
             )
             conditions.append(cond)
+            if cname in ("realistic", "real"):
+                dedups.append(
+                    clock.run(
+                        f"dedup {name}",
+                        dedup_effect,
+                        cond,
+                        corpus,
+                        os.path.join(cdir, cname),
+                        budgets[-1],
+                    )
+                )
             if tag == "A" and cname in ("realistic", "real"):
                 main_cond, main_corpus, main_dir = cond, corpus, cdir
     if downstream:  # last: the selection table is complete even if this is cut short
@@ -961,6 +1102,8 @@ def run(args, argv, st: Settings, downstream: bool, budgets: list[float]) -> int
         "",
         selection_table(conditions, budgets),
     ]
+    if dedups:
+        parts += ["", dedup_table(dedups)]
     if downstream_result:
         parts += ["", downstream_table(downstream_result)]
     stage_s = ", ".join(f"{k} {v:.0f}s" for k, v in clock.seconds.items())
@@ -978,6 +1121,7 @@ def run(args, argv, st: Settings, downstream: bool, budgets: list[float]) -> int
                 "corpora": corpus_info,
                 "default": default_method_name(),
                 "conditions": conditions,
+                "dedup": dedups,
                 "downstream": downstream_result,
                 "wall_s": wall,
                 "stage_s": clock.seconds,

@@ -382,6 +382,9 @@ class SelectConfig:
     ``corpus`` to every scored corpus then."""
     corpus: list[str] = field(default_factory=list)
     """The scored corpus, to join selected rows back (same paths as the score stage)."""
+    dedup: str | None = None
+    """A dedup run over the scored corpus: only its kept rows are candidates (for dedup run
+    after scoring, e.g. with keep: best; scoring with ``dedup`` instead skips the copies)."""
     output: str | None = None
     """Default RUN/selection."""
     method: Literal[SELECT_METHODS] = "worst_rank"

@@ -753,6 +753,11 @@ def compute_selection(cfg: SelectConfig, scores_dir: str | None = None) -> Selec
             "nll_hi": float(np.quantile(finite, hi)),
         }
     score, pct = method_scores(cols, ref)
+    if cfg.dedup:  # copies a dedup run removed are not candidates
+        kept = pq.read_table(os.path.join(cfg.dedup, "kept.parquet"), columns=["sample_id"])
+        keep = np.isin(cols["sample_id"], np.asarray(kept.column(0).to_pylist(), dtype=object))
+        score = np.where(keep, score, np.nan)
+        ref["dedup"] = {"dir": os.path.abspath(cfg.dedup), "excluded": int((~keep).sum())}
     n_cand = int(np.isfinite(score).sum())
     if n_cand == 0:
         raise SelectionError(f"method {method}: no scored row has a score; nothing to select")
