@@ -166,6 +166,44 @@ def direct(run: str, rows: list[dict], threads: int, batch: int) -> dict:
     }
 
 
+def commit_cost(url: str, rows: list[dict], n: int, k: int) -> dict:
+    """POST /v1/select at c=1 with and without ``commit`` (fresh ids, so every selected
+    sample really appends); the first commit, which loads the pool's signatures, apart."""
+    import httpx
+
+    def body(i: int, tag: str, commit: bool) -> dict:
+        chunk = [rows[(i * k + j) % len(rows)] for j in range(k)]
+        return {
+            "samples": [dict(r, id=f"{tag}-{i}-{j}") for j, r in enumerate(chunk)],
+            "commit": commit,
+        }
+
+    with httpx.Client(base_url=url, timeout=120) as c:
+        t = time.perf_counter()
+        first = c.post("/v1/select", json=body(0, "first", True)).json()
+        first_s = time.perf_counter() - t
+        out = {"first_commit_ms": 1000 * first_s}
+        for commit in (False, True):
+            lat, committed = [], 0
+            for i in range(n):
+                t = time.perf_counter()
+                r = c.post("/v1/select", json=body(i, f"c{int(commit)}", commit)).json()
+                lat.append(time.perf_counter() - t)
+                committed += r.get("n_committed") or 0
+            out["commit" if commit else "plain"] = {
+                "mean_ms": 1000 * statistics.mean(lat),
+                "p50_ms": 1000 * statistics.median(lat),
+                "committed": committed,
+            }
+    plain, com = out["plain"], out["commit"]
+    out["extra_ms_per_request"] = com["mean_ms"] - plain["mean_ms"]
+    out["extra_ms_per_committed_sample"] = (
+        out["extra_ms_per_request"] * n / com["committed"] if com["committed"] else None
+    )
+    out["first_committed"] = first.get("n_committed")
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -186,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-num-cpus", type=float, default=1.0, help="also torch threads")
     ap.add_argument("--run-dir", help="existing RUN with scores + selection (skip the build)")
     ap.add_argument("--keep", help="build into this directory and keep it")
+    ap.add_argument("--commit-requests", type=int, default=50, help="per commit setting")
     args = ap.parse_args(argv)
     print("$ python " + " ".join(shlex.quote(a) for a in sys.argv), flush=True)
 
@@ -259,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             lines.append(line)
             print(line, flush=True)
+        if name == "batched":
+            cc = commit_cost(url, rows, args.commit_requests, k)
     serve.shutdown()
 
     c1_rows = [rows[i % len(rows)] for i in range(min(args.requests, len(rows)))]
@@ -279,6 +320,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{'PASS' if ratio >= 3 else 'FAIL'}"
     )
     print(f"errors over all settings: {errors} (target 0): {'PASS' if errors == 0 else 'FAIL'}")
+    per = cc["extra_ms_per_committed_sample"]
+    print(
+        f"commit (c=1, {args.commit_requests} requests of {k}): /v1/select p50"
+        f" {cc['plain']['p50_ms']:.1f} ms plain, {cc['commit']['p50_ms']:.1f} ms with commit"
+        f" ({cc['commit']['committed']} samples appended); +{cc['extra_ms_per_request']:.1f} ms"
+        f" per request, {'n/a' if per is None else f'{per:.1f}'} ms per committed sample; first"
+        f" commit (opens the log, loads {len(rows)} pool signatures) {cc['first_commit_ms']:.0f} ms"
+    )
     print(
         f"Serve HTTP floor: GET /healthz at c=1 p50 {floor['p50_ms']:.1f} ms"
         " (proxy + ingress, no model call)"
