@@ -6,6 +6,7 @@ are read here, for evaluation only; the selection never sees them.
 
 from __future__ import annotations
 
+import base64
 import html
 import os
 from collections.abc import Sequence
@@ -16,10 +17,22 @@ import pyarrow as pa
 from qgate import data
 
 CLEAN = "clean"
-REPORT_FILES = ("report.html", "score_hist.png", "clusters.png", "sources.png", "nll_vs_score.png")
+REPORT_FILES = (
+    "report.html",
+    "score_hist.png",
+    "clusters.png",
+    "sources.png",
+    "nll_vs_score.png",
+    "signals.png",
+)
 """Everything write_report may write; removed first, so no plot of an earlier run lingers."""
 SCATTER_POINTS = 20000
 """The nll-vs-score scatter plots a seeded subsample of at most this many rows."""
+EXAMPLES_PER_GROUP = 3
+"""Top and bottom samples shown per source (or cluster), and on each side of the cutoff."""
+MAX_GROUPS = 12
+"""Example groups shown (the largest sources or clusters)."""
+EXCERPT_CHARS = 160
 
 
 # ----------------------------------------------------------------------------- labels
@@ -180,7 +193,104 @@ def _plots(out_dir: str, table: pa.Table, reference: dict) -> list[tuple[str, st
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "nll_vs_score.png"))
     plots.append(("nll_vs_score.png", f"nll vs score ({idx.size} rows shown)."))
+
+    names = [c for c in ("nll", "ifd", "q") if c in table.column_names]
+    names += [c for c in table.column_names if c.startswith("pct_")]
+    cols = [(c, table.column(c).to_numpy(zero_copy_only=False).astype(float)) for c in names]
+    cols = [(c, v) for c, v in cols if np.isfinite(v).sum() > 1]
+    if cols:
+        fig = _figure(3.2 * len(cols), 3.0)[0]
+        fig.clear()
+        for i, (c, v) in enumerate(cols):
+            ax = fig.add_subplot(1, len(cols), i + 1)
+            ok = np.isfinite(v)
+            bins = np.histogram_bin_edges(v[ok], bins=40)
+            ax.hist(v[ok & ~sel], bins=bins, density=True, color="#bbbbbb", label="dropped")
+            ax.hist(
+                v[ok & sel], bins=bins, density=True, color="#1f77b4", alpha=0.6, label="selected"
+            )
+            ax.set_title(c, fontsize=9)
+            ax.tick_params(labelsize=7)
+        fig.axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "signals.png"))
+        plots.append(("signals.png", "Each signal's distribution: selected vs dropped (density)."))
     return plots
+
+
+# ----------------------------------------------------------------------------- examples
+
+
+def example_ids(table: pa.Table, reference: dict, per_group: int = EXAMPLES_PER_GROUP) -> dict:
+    """Which samples the report shows: per source (per cluster with diversity) the top and
+    bottom ``per_group`` by score, and the ``per_group`` on each side of the cutoff.
+
+    Returns ``{"groups": [(name, top ids, bottom ids)], "above": ids, "below": ids}``.
+    """
+    ids = np.asarray(table.column("sample_id").to_pylist(), dtype=object)
+    score = table.column("score").to_numpy(zero_copy_only=False).astype(float)
+    sel = table.column("selected").to_numpy(zero_copy_only=False)
+    ok = np.isfinite(score)
+    by_cluster = bool(reference.get("diversity"))
+    key = "cluster" if by_cluster else "source"
+    group = np.asarray(table.column(key).to_pylist(), dtype=object)
+    names, counts = np.unique(group[ok].astype(str), return_counts=True)
+    groups = []
+    for name in names[np.argsort(-counts, kind="stable")][:MAX_GROUPS]:
+        idx = np.flatnonzero(ok & (group.astype(str) == name))
+        idx = idx[np.argsort(-score[idx], kind="stable")]
+        label = f"cluster {name}" if by_cluster else str(name)
+        groups.append((label, ids[idx[:per_group]].tolist(), ids[idx[-per_group:][::-1]].tolist()))
+    chosen = np.flatnonzero(sel & ok)
+    dropped = np.flatnonzero(~sel & ok)
+    above = chosen[np.argsort(score[chosen], kind="stable")][:per_group]
+    below = dropped[np.argsort(-score[dropped], kind="stable")][:per_group]
+    return {"groups": groups, "above": ids[above].tolist(), "below": ids[below].tolist()}
+
+
+def all_example_ids(examples: dict) -> list[str]:
+    """Every sample id an ``example_ids`` result names, once."""
+    out = [i for _, top, bottom in examples["groups"] for i in (*top, *bottom)]
+    return list(dict.fromkeys([*out, *examples["above"], *examples["below"]]))
+
+
+def reject_examples(scores_dir: str | None) -> list[dict]:
+    """Per reject reason of the score stage: its count and the first row's detail and
+    excerpt (empty when the scores have no rejects directory)."""
+    import pyarrow.parquet as pq
+
+    if not scores_dir or not os.path.isdir(os.path.join(scores_dir, "rejects")):
+        return []
+    by_reason: dict[str, dict] = {}
+    rej_dir = os.path.join(scores_dir, "rejects")
+    for name in sorted(os.listdir(rej_dir)):
+        if not name.endswith(".parquet"):
+            continue
+        for r in pq.read_table(os.path.join(rej_dir, name)).to_pylist():
+            entry = by_reason.setdefault(r["reason"], {"reason": r["reason"], "count": 0})
+            entry["count"] += 1
+            if "detail" not in entry:
+                entry |= {
+                    "sample_id": r["sample_id"],
+                    "detail": r["detail"],
+                    "excerpt": r["excerpt"],
+                }
+    return sorted(by_reason.values(), key=lambda e: -e["count"])
+
+
+def _excerpt(text: str, n: int = EXCERPT_CHARS) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _turns(row: dict | None) -> tuple[str, str]:
+    """(prompt excerpt, answer excerpt) of a canonical row."""
+    if not row:
+        return "–", "–"
+    msgs = row["messages"]
+    prompt = " / ".join(m["content"] for m in msgs if m["role"] != "assistant")
+    answer = next((m["content"] for m in reversed(msgs) if m["role"] == "assistant"), "")
+    return _excerpt(prompt), _excerpt(answer)
 
 
 # ----------------------------------------------------------------------------- html
@@ -196,10 +306,11 @@ def clear_report(out_dir: str) -> None:
 
 
 def _fmt(v) -> str:
+    """A table cell: floats to 3 significant digits, everything HTML-escaped."""
     if v is None:
         return "–"
-    if isinstance(v, float):
-        return f"{v:.4g}"
+    if isinstance(v, float | np.floating):
+        return "–" if not np.isfinite(v) else f"{float(v):.3g}"
     return html.escape(str(v))
 
 
@@ -209,10 +320,93 @@ def _table(rows: list[tuple], head: tuple) -> str:
     return f"<table><tr>{th}</tr>{body}</table>"
 
 
+def _img(out_dir: str, name: str, caption: str) -> str:
+    """A figure with the PNG inlined as a data URI: report.html stands alone."""
+    with open(os.path.join(out_dir, name), "rb") as f:
+        b64 = base64.b64encode(f.read()).decode("ascii")
+    cap = html.escape(caption)
+    return (
+        f"<figure><img src='data:image/png;base64,{b64}' alt='{cap}'>"
+        f"<figcaption>{cap}</figcaption></figure>"
+    )
+
+
+def _sample_rows(ids, table: pa.Table, rows_by_id: dict, labels: dict | None, kind: str):
+    """Table rows for example samples: signals from the selection table, text excerpts."""
+    col = {c: table.column(c).to_pylist() for c in table.column_names}
+    where = {sid: i for i, sid in enumerate(col["sample_id"])}
+    signals = [c for c in ("nll", "ifd") if c in col] + [c for c in col if c.startswith("pct_")]
+    out = []
+    for sid in ids:
+        i = where[sid]
+        prompt, answer = _turns(rows_by_id.get(sid))
+        cells = [kind, sid, col["score"][i], "yes" if col["selected"][i] else "no"]
+        cells += [col[c][i] for c in signals]
+        if labels:
+            cells.append(labels.get(sid))
+        out.append((*cells, prompt, answer))
+    head = ("", "sample_id", "score", "selected", *signals, *(("label",) if labels else ()))
+    return out, (*head, "prompt", "answer")
+
+
+def _examples_html(examples: dict, table: pa.Table, rows_by_id: dict, labels) -> list[str]:
+    parts = ["<h2>Samples</h2>"]
+    rows, head = _sample_rows(examples["above"], table, rows_by_id, labels, "just above")
+    more, _ = _sample_rows(examples["below"], table, rows_by_id, labels, "just below")
+    parts += ["<h3>Around the cutoff</h3>", _table(rows + more, head)]
+    for name, top, bottom in examples["groups"]:
+        rows, head = _sample_rows(top, table, rows_by_id, labels, "top")
+        more, _ = _sample_rows(bottom, table, rows_by_id, labels, "bottom")
+        parts += [f"<h3>{html.escape(name)}</h3>", _table(rows + more, head)]
+    return parts
+
+
+def _dropped_html(reference: dict, rejects: list[dict]) -> list[str]:
+    """Why rows are not in the selection: below the cutoff, no score, a copy, or rejected."""
+    c = reference["counts"]
+    excluded = (reference.get("dedup") or {}).get("excluded", 0)
+    no_score = c["scored"] - c["candidates"] - excluded
+    why = [
+        (
+            "below the cutoff (score under the lowest selected score of its cluster)",
+            c["candidates"] - c["selected"],
+        ),
+        ("no score for this method (e.g. no IFD value)", no_score),
+    ]
+    if reference.get("dedup"):
+        why.append(("a copy removed by the dedup run", excluded))
+    why.append(("rejected at scoring (below)", c["rejected"]))
+    parts = ["<h2>Why rows were dropped</h2>", _table(why, ("reason", "rows"))]
+    if rejects:
+        rows = [
+            (
+                r["reason"],
+                r["count"],
+                r["sample_id"],
+                _excerpt(r["detail"]),
+                _excerpt(r["excerpt"] or ""),
+            )
+            for r in rejects
+        ]
+        parts.append(_table(rows, ("reject reason", "rows", "example", "detail", "excerpt")))
+    return parts
+
+
 def write_report(
-    out_dir: str, selection_table: pa.Table, reference: dict, labels: dict[str, str] | None = None
+    out_dir: str,
+    selection_table: pa.Table,
+    reference: dict,
+    labels: dict[str, str] | None = None,
+    rows_by_id: dict[str, dict] | None = None,
+    examples: dict | None = None,
+    rejects: list[dict] | None = None,
 ) -> str:
-    """Write report.html and its PNG plots into ``out_dir``; returns the html path."""
+    """Write report.html (one self-contained file) and its PNG plots into ``out_dir``.
+
+    ``examples`` (from :func:`example_ids`) with ``rows_by_id`` (their corpus rows) adds the
+    sample tables; ``rejects`` (from :func:`reject_examples`) the reject table.
+    Returns the html path.
+    """
     clear_report(out_dir)
     plots = _plots(out_dir, selection_table, reference)
     counts, cut = reference["counts"], reference["cutoffs"]
@@ -232,9 +426,10 @@ def write_report(
     ]
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>qgate selection</title>",
-        "<style>body{font-family:sans-serif;max-width:960px;margin:2em auto}"
-        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
-        "padding:2px 8px;text-align:left}img{max-width:100%}</style></head><body>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;"
+        "padding:2px 8px;text-align:left;vertical-align:top}img{max-width:100%}</style>"
+        "</head><body>",
         "<h1>qgate selection report</h1>",
         _table(summary, ("", "")),
     ]
@@ -259,11 +454,14 @@ def write_report(
             for lab in labs
         ]
         parts.append(_table(rows, ("label", "pool share", "selection share", "AUROC vs clean")))
-    for name, caption in plots:
-        parts.append(f"<figure><img src='{name}' alt='{html.escape(caption)}'>")
-        parts.append(f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    if examples is not None:
+        parts += _examples_html(examples, selection_table, rows_by_id or {}, labels)
+    parts += _dropped_html(reference, rejects or [])
+    parts.append("<h2>Plots</h2>")
+    parts += [_img(out_dir, name, caption) for name, caption in plots]
     parts.append("</body></html>\n")
     path = os.path.join(out_dir, "report.html")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(parts))
+    from qgate.atomic import write_text
+
+    write_text(path, "\n".join(parts))
     return path

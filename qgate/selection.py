@@ -996,7 +996,18 @@ def run_selection(cfg: SelectConfig) -> dict:
     metrics = report_mod.label_metrics(table, labels) if labels else None
     report_path = None
     if cfg.report:
-        report_path = report_mod.write_report(local, table, ref, labels=labels)
+        examples = report_mod.example_ids(table, ref)
+        shown = join_corpus(corpus, report_mod.all_example_ids(examples))
+        scores_dir = cfg.scores or stage_dir(cfg.run_dir, "scores")
+        report_path = report_mod.write_report(
+            local,
+            table,
+            ref,
+            labels=labels,
+            rows_by_id={r["sample_id"]: r for r in shown},
+            examples=examples,
+            rejects=report_mod.reject_examples(None if _is_uri(scores_dir) else scores_dir),
+        )
     else:
         report_mod.clear_report(local)
     if local != out_dir:

@@ -438,9 +438,25 @@ def test_report_and_label_metrics(tmp_path):
     assert m["noise_share_selected"] == pytest.approx(noisy_sel / n_sel)
     out = tmp_path / "selection"
     html = (out / "report.html").read_text()
-    for png in ("score_hist.png", "clusters.png", "sources.png", "nll_vs_score.png"):
-        assert (out / png).stat().st_size > 1000 and png in html
+    import base64
+    import re
+
+    inlined = re.findall(r"src='data:image/png;base64,([^']+)'", html)
+    pngs = ("score_hist.png", "clusters.png", "sources.png", "nll_vs_score.png", "signals.png")
+    for png in pngs:
+        assert (out / png).stat().st_size > 1000
+        assert base64.b64encode((out / png).read_bytes()).decode() in inlined  # self-contained
+    assert len(inlined) == len(pngs) and "src='score_hist.png'" not in html
     assert "AUROC" in html
+    # samples: the rows just around the cutoff and per cluster, with text, HTML-escaped
+    assert "Around the cutoff" in html and html.count("<h3>cluster ") == 3
+    below = min((r for r in t if not r["selected"]), key=lambda r: -r["score"])
+    assert below["sample_id"] in html
+    assert "<script" not in html.lower()
+    # numbers are rounded to 3 significant digits
+    for num in re.findall(r"<td>-?([\d.]+)</td>", html):
+        if "." in num:
+            assert len(num.replace(".", "").lstrip("0")) <= 3, num
 
 
 def test_job_entry_point_reads_yaml_and_overrides(tmp_path, capsys):
