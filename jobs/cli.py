@@ -17,6 +17,7 @@ COMMANDS = {
     "extend": ("jobs.extend", "grow the selection with newly scored rows (selection log)"),
     "finetune": ("jobs.finetune", "stage 3: LoRA-finetune a target on the selection"),
     "evaluate": ("jobs.evaluate", "evaluate a model (and adapter) with lm-eval"),
+    "status": ("jobs.status", "each stage's state, rows, time and key figures for a run dir"),
     "serve": ("jobs.serve", "run the scoring endpoint locally (Ray Serve + FastAPI)"),
     "demo": ("jobs.demo", "the whole pipeline on a tiny model, on an embedded local Ray"),
 }

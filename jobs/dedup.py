@@ -13,6 +13,7 @@ import sys
 from jobs.common import init_ray, parse
 from qgate.config import DedupConfig
 from qgate.dedup import DedupError, run_dedup
+from qgate.status import track
 
 
 def summary_lines(m: dict) -> list[str]:
@@ -32,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse(DedupConfig, argv, __doc__)
     try:
         init_ray()
-        manifest = run_dedup(cfg)
+        with track(cfg.run_dir, "dedup"):
+            manifest = run_dedup(cfg)
     except (FileNotFoundError, ValueError, DedupError) as e:
         print(f"dedup: {e}", file=sys.stderr)
         return 2

@@ -36,8 +36,19 @@ SIZES = {
 CPU = {"resources_per_worker": {"CPU": 0.5}}
 
 
-def _stage(name: str, t0: float) -> None:
-    print(f"\n=== [{time.time() - t0:6.1f}s] {name} ===", flush=True)
+STAGES = 10
+"""corpus, base, warmup, score, select, finetune + evaluate per arm (2 arms), summary."""
+
+
+class _Header:
+    """Numbered stage headers: ``=== [  12.3s] 4/10 score ===``."""
+
+    def __init__(self, t0: float):
+        self.t0, self.n = t0, 0
+
+    def __call__(self, name: str) -> None:
+        self.n += 1
+        print(f"\n=== [{time.time() - self.t0:6.1f}s] {self.n}/{STAGES} {name} ===", flush=True)
 
 
 def run_demo(run_dir: str, size: dict, seed: int = 0) -> dict:
@@ -48,14 +59,16 @@ def run_demo(run_dir: str, size: dict, seed: int = 0) -> dict:
     from qgate.batch_scoring import run_scoring
     from qgate.evaluation import evaluate
     from qgate.selection import run_selection
+    from qgate.status import track
     from qgate.synthetic import build_stand_in, generate_corpus
 
     t0 = time.time()
+    _stage = _Header(t0)
     times = {}
     run_dir = os.path.abspath(run_dir)
     os.makedirs(run_dir, exist_ok=True)
 
-    _stage("1/6 synthetic corpus", t0)
+    _stage("synthetic corpus")
     data = generate_corpus(
         os.path.join(run_dir, "data"),
         seed=seed,
@@ -66,7 +79,7 @@ def run_demo(run_dir: str, size: dict, seed: int = 0) -> dict:
     )
     times["data"] = time.time() - t0
 
-    _stage("2/6 tiny stand-in base model", t0)
+    _stage("tiny stand-in base model")
     t = time.time()
     base = os.path.join(run_dir, "base")
     if not os.path.isfile(os.path.join(base, "config.json")):
@@ -77,7 +90,7 @@ def run_demo(run_dir: str, size: dict, seed: int = 0) -> dict:
 
     init_ray()
     common = {"run_dir": run_dir, "seed": seed}
-    _stage("3/6 warmup (Ray Train, 2 workers)", t0)
+    _stage("warmup (Ray Train, 2 workers)")
     t = time.time()
     warm = build(
         WarmupConfig,
@@ -93,28 +106,30 @@ def run_demo(run_dir: str, size: dict, seed: int = 0) -> dict:
             "scaling": CPU,
         },
     )
-    warmup_job.run(warm)
+    with track(run_dir, "warmup"):
+        warmup_job.run(warm)
     times["warmup"] = time.time() - t
 
-    _stage("3/6 score (Ray Data actor pool)", t0)
+    _stage("score (Ray Data actor pool)")
     t = time.time()
-    manifest = run_scoring(
-        build(
-            ScoreConfig,
-            {
-                "run_dir": run_dir,
-                "base_model": base,
-                "gates": os.path.join(run_dir, "warmup"),
-                "corpus": [data["pool"]],
-                "max_length": 256,
-                "batch_tokens": 8192,
-                "rows_per_shard": 1000,
-            },
+    with track(run_dir, "score"):
+        manifest = run_scoring(
+            build(
+                ScoreConfig,
+                {
+                    "run_dir": run_dir,
+                    "base_model": base,
+                    "gates": os.path.join(run_dir, "warmup"),
+                    "corpus": [data["pool"]],
+                    "max_length": 256,
+                    "batch_tokens": 8192,
+                    "rows_per_shard": 1000,
+                },
+            )
         )
-    )
     times["score"] = time.time() - t
 
-    _stage("3/6 select: default method and random baseline at 30%", t0)
+    _stage("select: default method and random baseline at 30%")
     t = time.time()
     arms = {}
     for arm, method in (("selected", None), ("random", "random")):
@@ -128,11 +143,12 @@ def run_demo(run_dir: str, size: dict, seed: int = 0) -> dict:
         }
         if method:
             scfg["method"] = method
-        arms[arm] = {"selection": run_selection(build(SelectConfig, scfg)), "dir": sel_dir}
+        with track(run_dir, "select" if arm == "selected" else "select_random"):
+            arms[arm] = {"selection": run_selection(build(SelectConfig, scfg)), "dir": sel_dir}
     times["select"] = time.time() - t
 
     for arm, info in arms.items():
-        _stage(f"4/6 LoRA finetune on the {arm} subset (Ray Train)", t0)
+        _stage(f"LoRA finetune on the {arm} subset (Ray Train)")
         t = time.time()
         ft_out = os.path.join(run_dir, "finetune" if arm == "selected" else "finetune_random")
         ft = build(
@@ -158,10 +174,12 @@ def run_demo(run_dir: str, size: dict, seed: int = 0) -> dict:
                 },
             },
         )
-        ft_job.run(ft)
+        suffix = "" if arm == "selected" else "_random"
+        with track(run_dir, "finetune" + suffix):
+            ft_job.run(ft)
         times[f"finetune_{arm}"] = time.time() - t
 
-        _stage(f"5/6 evaluate the {arm} adapter (lm-eval, local task)", t0)
+        _stage(f"evaluate the {arm} adapter (lm-eval, local task)")
         t = time.time()
         ev_out = os.path.join(run_dir, "eval" if arm == "selected" else "eval_random")
         ev = build(
@@ -176,11 +194,12 @@ def run_demo(run_dir: str, size: dict, seed: int = 0) -> dict:
                 "max_gen_toks": 32,
             },
         )
-        evaluate(ev)
+        with track(run_dir, "evaluate" + suffix):
+            evaluate(ev)
         info["eval"] = os.path.join(ev_out, "results.json")
         times[f"eval_{arm}"] = time.time() - t
 
-    _stage("6/6 summary", t0)
+    _stage("summary")
     summary = summarize(run_dir, manifest, arms)
     summary["seconds"] = {k: round(v, 1) for k, v in times.items()}
     summary["wall_s"] = round(time.time() - t0, 1)

@@ -15,6 +15,7 @@ import sys
 from jobs.common import parse, write_config
 from qgate.config import EvaluateConfig
 from qgate.evaluation import OFFLINE_ENV
+from qgate.status import track
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     from qgate.evaluation import evaluate
 
     try:
-        r = evaluate(cfg)
+        with track(cfg.run_dir, "evaluate"):
+            r = evaluate(cfg)
     except (FileNotFoundError, ValueError) as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2

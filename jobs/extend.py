@@ -15,6 +15,7 @@ import sys
 from jobs.common import parse
 from qgate.config import ExtendConfig
 from qgate.incremental import run_extend
+from qgate.status import track
 
 
 def summary_lines(s: dict) -> list[str]:
@@ -32,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     cfg = parse(ExtendConfig, argv, __doc__)
     try:
-        s = run_extend(cfg)
+        with track(cfg.run_dir, "extend") as fig:
+            s = run_extend(cfg)
+            fig["figures"] = (
+                f"committed {s['committed']} of {s['new_rows']} new rows; log {s['log_rows']}"
+            )
     except (FileNotFoundError, ValueError) as e:
         print(f"extend: {e}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ import sys
 
 from jobs.common import init_ray, parse, write_config
 from qgate.config import FinetuneConfig
+from qgate.status import track
 
 
 def prepare(cfg: FinetuneConfig) -> tuple[FinetuneConfig, list[dict]]:
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     cfg = parse(FinetuneConfig, argv, __doc__)
     try:
-        s = run(cfg)
+        with track(cfg.run_dir, "finetune"):
+            s = run(cfg)
     except (FileNotFoundError, ValueError) as e:
         print(f"finetune: {e}", file=sys.stderr)
         return 2

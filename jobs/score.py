@@ -13,6 +13,7 @@ from jobs.common import init_ray, parse
 from qgate.batch_scoring import ScoringError, run_scoring
 from qgate.config import ScoreConfig
 from qgate.model import UnsupportedModelError
+from qgate.status import track
 
 
 def summary_lines(m: dict) -> list[str]:
@@ -36,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse(ScoreConfig, argv, __doc__)
     try:
         init_ray()
-        manifest = run_scoring(cfg)
+        with track(cfg.run_dir, "score"):
+            manifest = run_scoring(cfg)
     except (FileNotFoundError, ValueError, UnsupportedModelError, ScoringError) as e:
         print(f"score: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from jobs.common import init_ray, parse, write_config
 from qgate.config import WarmupConfig, stage_dir
 from qgate.data import expand_paths, read_corpus
 from qgate.model import check_base, resolve_base
+from qgate.status import track
 
 
 def subset(rows: list[dict], cfg: WarmupConfig) -> list[dict]:
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     cfg = parse(WarmupConfig, argv, __doc__)
     try:
-        s = run(cfg)
+        with track(cfg.run_dir, "warmup"):
+            s = run(cfg)
     except (FileNotFoundError, ValueError) as e:
         print(f"warmup: {e}", file=sys.stderr)
         return 2
