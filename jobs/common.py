@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 
 import yaml
@@ -15,11 +16,28 @@ def parse(cls, argv, description: str):
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--config", help="YAML config file (see jobs/configs/)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, dotted for sections")
+    ap.add_argument(
+        "--verbose", action="store_true", help="show Ray's and the libraries' logs on the terminal"
+    )
     args = ap.parse_args(argv)
+    if args.verbose:
+        os.environ["QGATE_VERBOSE"] = "1"
     try:
         return load_config(cls, args.config, args.overrides)
     except ConfigError as e:
         ap.exit(2, f"config error: {e}\n")
+
+
+@contextlib.contextmanager
+def stage_run(run_dir: str, stage: str, expected: tuple = (FileNotFoundError, ValueError)):
+    """One stage run: a quiet terminal with the logs in RUN/logs/<stage>.log
+    (qgate.console.quiet) and the stage ledger entry (qgate.status.track). Exceptions of the
+    ``expected`` types propagate for the entry point's own message."""
+    from qgate.console import quiet
+    from qgate.status import track
+
+    with quiet(run_dir, stage, expected), track(run_dir, stage) as figures:
+        yield figures
 
 
 def init_ray() -> None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import sys
 
-from jobs.common import init_ray, parse
+from jobs.common import init_ray, parse, stage_run
 from qgate.config import DedupConfig
 from qgate.dedup import DedupError, run_dedup
-from qgate.status import track
+
+EXPECTED = (FileNotFoundError, ValueError, DedupError)
 
 
 def summary_lines(m: dict) -> list[str]:
@@ -32,10 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     cfg = parse(DedupConfig, argv, __doc__)
     try:
-        init_ray()
-        with track(cfg.run_dir, "dedup"):
+        with stage_run(cfg.run_dir, "dedup", EXPECTED):
+            init_ray()
             manifest = run_dedup(cfg)
-    except (FileNotFoundError, ValueError, DedupError) as e:
+    except EXPECTED as e:
         print(f"dedup: {e}", file=sys.stderr)
         return 2
     print("\n".join(summary_lines(manifest)))

@@ -78,6 +78,10 @@ def run_demo(run_dir: str, size: dict, seed: int = 0) -> dict:
         n_pretrain=max(1000, size["n_pool"] // 2),
     )
     times["data"] = time.time() - t0
+    print(
+        f"[demo] corpus: {size['n_pool']} pool rows (30% noise), {size['n_test']} test rows",
+        flush=True,
+    )
 
     _stage("tiny stand-in base model")
     t = time.time()
@@ -87,6 +91,7 @@ def run_demo(run_dir: str, size: dict, seed: int = 0) -> dict:
             base, data["pretrain"], epochs=size["epochs"], hidden_size=64, num_layers=2, seed=seed
         )
     times["base"] = time.time() - t
+    print(f"[demo] base: tiny stand-in Qwen3 -> {base}", flush=True)
 
     init_ray()
     common = {"run_dir": run_dir, "seed": seed}
@@ -107,8 +112,13 @@ def run_demo(run_dir: str, size: dict, seed: int = 0) -> dict:
         },
     )
     with track(run_dir, "warmup"):
-        warmup_job.run(warm)
+        w = warmup_job.run(warm)
     times["warmup"] = time.time() - t
+    print(
+        f"[demo] warmup: {w['steps']} steps, lm loss {w['last'].get('lm_loss', 0):.3g}, "
+        f"quality loss {w['last'].get('quality_loss', 0):.3g}",
+        flush=True,
+    )
 
     _stage("score (Ray Data actor pool)")
     t = time.time()
@@ -128,6 +138,11 @@ def run_demo(run_dir: str, size: dict, seed: int = 0) -> dict:
             )
         )
     times["score"] = time.time() - t
+    print(
+        f"[demo] score: {manifest['scored']} of {manifest['rows_in']} rows scored, "
+        f"{manifest['rejected']} rejected, {manifest.get('tokens_per_s') or 0:.0f} tok/s",
+        flush=True,
+    )
 
     _stage("select: default method and random baseline at 30%")
     t = time.time()
@@ -146,6 +161,12 @@ def run_demo(run_dir: str, size: dict, seed: int = 0) -> dict:
         with track(run_dir, "select" if arm == "selected" else "select_random"):
             arms[arm] = {"selection": run_selection(build(SelectConfig, scfg)), "dir": sel_dir}
     times["select"] = time.time() - t
+    print(
+        f"[demo] select: {arms['selected']['selection']['selected']} rows by "
+        f"{arms['selected']['selection']['method']}, and {arms['random']['selection']['selected']}"
+        " at random",
+        flush=True,
+    )
 
     for arm, info in arms.items():
         _stage(f"LoRA finetune on the {arm} subset (Ray Train)")
@@ -178,6 +199,7 @@ def run_demo(run_dir: str, size: dict, seed: int = 0) -> dict:
         with track(run_dir, "finetune" + suffix):
             ft_job.run(ft)
         times[f"finetune_{arm}"] = time.time() - t
+        print(f"[demo] finetune ({arm}): {size['ft_steps']} steps", flush=True)
 
         _stage(f"evaluate the {arm} adapter (lm-eval, local task)")
         t = time.time()
@@ -198,6 +220,7 @@ def run_demo(run_dir: str, size: dict, seed: int = 0) -> dict:
             evaluate(ev)
         info["eval"] = os.path.join(ev_out, "results.json")
         times[f"eval_{arm}"] = time.time() - t
+        print(f"[demo] evaluate ({arm}): exact match {_exact_match(info['eval']):.3f}", flush=True)
 
     _stage("summary")
     summary = summarize(run_dir, manifest, arms)
@@ -265,12 +288,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup-steps", type=int)
     ap.add_argument("--ft-steps", type=int)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--verbose", action="store_true", help="show Ray's and the libraries' logs")
     a = ap.parse_args(argv)
     size = dict(SIZES["small" if a.small else "default"])
     for key in ("n_pool", "warmup_steps", "ft_steps"):
         if getattr(a, key) is not None:
             size[key] = getattr(a, key)
-    run_demo(a.run_dir, size, seed=a.seed)
+    from qgate.console import quiet, verbose_requested
+
+    verbose = a.verbose or verbose_requested()
+    with quiet(a.run_dir, "demo", verbose=verbose) as log:
+        s = run_demo(a.run_dir, size, seed=a.seed)
+    if not verbose:  # the table, last, on a quiet terminal
+        print("\n" + format_table(s))
+        print(
+            f"\nreport: {s['report']}\nlogs: {log}\nall artifacts under "
+            f"{os.path.abspath(a.run_dir)} ({s['wall_s']}s)"
+        )
     return 0
 
 

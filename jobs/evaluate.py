@@ -12,10 +12,9 @@ from __future__ import annotations
 import os
 import sys
 
-from jobs.common import parse, write_config
+from jobs.common import parse, stage_run, write_config
 from qgate.config import EvaluateConfig
 from qgate.evaluation import OFFLINE_ENV
-from qgate.status import track
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     from qgate.evaluation import evaluate
 
     try:
-        with track(cfg.run_dir, "evaluate"):
+        with stage_run(cfg.run_dir, "evaluate"):
             r = evaluate(cfg)
     except (FileNotFoundError, ValueError) as e:
         print(f"evaluate: {e}", file=sys.stderr)

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import sys
 
-from jobs.common import parse
+from jobs.common import parse, stage_run
 from qgate.config import ExtendConfig
 from qgate.incremental import run_extend
-from qgate.status import track
 
 
 def summary_lines(s: dict) -> list[str]:
@@ -33,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     cfg = parse(ExtendConfig, argv, __doc__)
     try:
-        with track(cfg.run_dir, "extend") as fig:
+        with stage_run(cfg.run_dir, "extend") as fig:
             s = run_extend(cfg)
             fig["figures"] = (
                 f"committed {s['committed']} of {s['new_rows']} new rows; log {s['log_rows']}"

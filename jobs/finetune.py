@@ -17,9 +17,8 @@ import dataclasses
 import os
 import sys
 
-from jobs.common import init_ray, parse, write_config
+from jobs.common import init_ray, parse, stage_run, write_config
 from qgate.config import FinetuneConfig
-from qgate.status import track
 
 
 def prepare(cfg: FinetuneConfig) -> tuple[FinetuneConfig, list[dict]]:
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     cfg = parse(FinetuneConfig, argv, __doc__)
     try:
-        with track(cfg.run_dir, "finetune"):
+        with stage_run(cfg.run_dir, "finetune"):
             s = run(cfg)
     except (FileNotFoundError, ValueError) as e:
         print(f"finetune: {e}", file=sys.stderr)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import sys
 
-from jobs.common import init_ray, parse
+from jobs.common import init_ray, parse, stage_run
 from qgate.batch_scoring import ScoringError, run_scoring
 from qgate.config import ScoreConfig
 from qgate.model import UnsupportedModelError
-from qgate.status import track
+
+EXPECTED = (FileNotFoundError, ValueError, UnsupportedModelError, ScoringError)
 
 
 def summary_lines(m: dict) -> list[str]:
@@ -36,10 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     cfg = parse(ScoreConfig, argv, __doc__)
     try:
-        init_ray()
-        with track(cfg.run_dir, "score"):
+        with stage_run(cfg.run_dir, "score", EXPECTED):
+            init_ray()
             manifest = run_scoring(cfg)
-    except (FileNotFoundError, ValueError, UnsupportedModelError, ScoringError) as e:
+    except EXPECTED as e:
         print(f"score: {e}", file=sys.stderr)
         return 2
     print("\n".join(summary_lines(manifest)))

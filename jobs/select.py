@@ -10,10 +10,9 @@ import json
 import logging
 import sys
 
-from jobs.common import parse, write_config
+from jobs.common import parse, stage_run, write_config
 from qgate.config import SelectConfig, stage_dir
 from qgate.selection import run_selection
-from qgate.status import track
 
 
 def print_summary(s: dict) -> None:
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse(SelectConfig, argv, __doc__)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        with track(cfg.run_dir, "select"):
+        with stage_run(cfg.run_dir, "select"):
             s = run_selection(cfg)
     except (FileNotFoundError, ValueError) as e:
         print(f"select: {e}", file=sys.stderr)

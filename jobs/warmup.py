@@ -8,11 +8,10 @@ from __future__ import annotations
 import random
 import sys
 
-from jobs.common import init_ray, parse, write_config
+from jobs.common import init_ray, parse, stage_run, write_config
 from qgate.config import WarmupConfig, stage_dir
 from qgate.data import expand_paths, read_corpus
 from qgate.model import check_base, resolve_base
-from qgate.status import track
 
 
 def subset(rows: list[dict], cfg: WarmupConfig) -> list[dict]:
@@ -57,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     cfg = parse(WarmupConfig, argv, __doc__)
     try:
-        with track(cfg.run_dir, "warmup"):
+        with stage_run(cfg.run_dir, "warmup"):
             s = run(cfg)
     except (FileNotFoundError, ValueError) as e:
         print(f"warmup: {e}", file=sys.stderr)

@@ -21,6 +21,7 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -293,7 +294,9 @@ def build_finetune(cfg: FinetuneConfig, device):
     base, tok = load_base(
         cfg.target_model, device=device, dtype=torch.float32 if device.type == "cpu" else None
     )
-    model = get_peft_model(base, lora_config(cfg))  # freezes the base
+    with warnings.catch_warnings():  # PEFT reads a property transformers 5 deprecated
+        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*", FutureWarning)
+        model = get_peft_model(base, lora_config(cfg))  # freezes the base
     trainable = lora_parameters(model)
     stray = [n for n, p in model.named_parameters() if p.requires_grad and n not in trainable]
     if stray:
@@ -313,7 +316,9 @@ def load_adapter(model_dir: str, adapter_dir: str, device="cpu", dtype: torch.dt
     from qgate.model import load_base
 
     base, tok = load_base(model_dir, device=device, dtype=dtype)
-    model = PeftModel.from_pretrained(base, adapter_dir)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*", FutureWarning)
+        model = PeftModel.from_pretrained(base, adapter_dir)
     model.eval()
     return model, tok
 
@@ -606,6 +611,7 @@ def fit(
     ``rows`` (and optional ``targets``) are canonical rows. Returns a summary dict.
     """
     import ray
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -626,6 +632,8 @@ def fit(
 
     _claim_run(storage, name, fingerprint(cfg, pool + tgt))
 
+    # the datasets run inside Ray Train, whose progress bars would print from every worker
+    ray.data.DataContext.get_current().enable_progress_bars = False
     cols = ("sample_id", "messages", "order", "is_target")
     datasets = {}
     for r in range(world):

@@ -12,6 +12,9 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # dtype auto follows the CPU (bf16 where it is native): pin fp32 so results do not depend on
 # the machine; the bf16 path has its own tests that ask for it explicitly.
 os.environ.setdefault("QGATE_CPU_BF16", "0")
+# entry points called in-process keep their output on sys.stdout for capsys; the quiet
+# terminal has its own tests (tests/test_console.py, which turns this off)
+os.environ.setdefault("QGATE_VERBOSE", "1")
 
 
 @pytest.fixture(scope="session")
