@@ -178,6 +178,9 @@ class ShardScorer:
             st.num_layers, st.embedding_dim_out, runtime["debug_tokens"], num_perm
         )
         self.fault, self.calls = fault or {}, 0
+        from qgate.metrics import ScoringMetrics
+
+        self.metrics = ScoringMetrics()
 
     def __call__(self, batch: dict) -> dict:
         """Score every shard descriptor in the batch; returns their summaries (JSON strings)."""
@@ -204,6 +207,7 @@ class ShardScorer:
                 row |= st
         info = write_shard(self.out, str(item["shard"]), rows, self.schema)
         info["seconds"] = round(time.perf_counter() - t0, 3)
+        self.metrics.shard(info)
         return info
 
 

@@ -443,6 +443,9 @@ class QGateModel:
         # seconds spent in score_batch + decide, and in whole score_rows calls (queue included)
         self.counters = {"batches": 0, "samples": 0, "largest_batch": 0, "compute_s": 0.0}
         self.counters |= {"calls": 0, "call_s": 0.0}
+        from qgate.metrics import ServeMetrics
+
+        self.metrics = ServeMetrics()
         log.info("QGateModel ready: %s", self.info_block)
 
     def info(self) -> dict:
@@ -472,7 +475,11 @@ class QGateModel:
                 e["minhash"] = sigs[i].tolist()
             e |= {"method": self.info_block["method"], "via": "serve"}
             e["reference_digest"] = self.info_block["reference_digest"]
-        return self.log.commit(entries)
+        results = self.log.commit(entries)
+        n = sum(r["status"] == "committed" for r in results)
+        if n:
+            self.metrics.committed.inc(n)
+        return results
 
     async def score_rows(self, rows: list[dict]) -> list[dict]:
         """Score one request's canonical rows. Each row goes into the dynamic batch on its
@@ -490,8 +497,10 @@ class QGateModel:
         try:
             enc = self.scorer.tokenize(row["messages"])
         except RowError as e:
+            self.metrics.row_error(e.reason)
             return {"error": {"reason": e.reason, "detail": str(e)}}
         except (ValueError, TypeError) as e:  # e.g. a chat template that rewrites content
+            self.metrics.row_error(TOKENIZATION_ERROR)
             return {"error": {"reason": TOKENIZATION_ERROR, "detail": f"{TOKENIZATION_ERROR}: {e}"}}
         enc["sample_id"] = row["sample_id"]  # the random method hashes it
         return await self._score_many(enc)
@@ -531,6 +540,7 @@ class QGateModel:
                     "margin": d.get("margin"),
                 }
             )
+        self.metrics.batch_done(len(encs))
         c = self.counters
         c["compute_s"] += time.perf_counter() - t
         c["batches"], c["samples"] = c["batches"] + 1, c["samples"] + len(encs)

@@ -45,3 +45,30 @@ def ray_session():
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+def _metric_total(ray, name: str, timeout_s: float = 40.0, at_least: float = 1.0) -> float:
+    """Sum of a Ray metric over its label sets on the local node's Prometheus endpoint;
+    waits (up to ``timeout_s``) for Ray's periodic export to reach ``at_least``."""
+    import time
+    import urllib.request
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    deadline, total = time.time() + timeout_s, 0.0
+    while time.time() < deadline:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        total = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.decode().splitlines()
+            if line.startswith((name + "{", name + " "))
+        )
+        if total >= at_least:
+            return total
+        time.sleep(1.0)
+    return total
+
+
+@pytest.fixture()
+def metric_total():
+    """The metrics reader: ``metric_total(ray, name, at_least=...)``."""
+    return _metric_total

@@ -252,6 +252,15 @@ def test_commit_appends_selected_once_and_refuses_copies(server, artifacts):
     assert _post(server, "/v1/score", {"samples": [twin], "commit": True}).status_code == 422
 
 
+def test_replicas_export_samples_and_batch_sizes(server, metric_total):
+    """The model replica's ray.util.metrics reach the node's Prometheus endpoint."""
+    import ray
+
+    _post(server, "/v1/score", {"samples": [{"instruction": "Uppercase: ray", "output": "RAY"}]})
+    assert metric_total(ray, "ray_qgate_serve_samples_total") >= 1
+    assert metric_total(ray, "ray_qgate_serve_batch_size_count") >= 1
+
+
 # ----------------------------------------------------------------------------- auth
 
 
