@@ -409,7 +409,7 @@ def overlap(x, y, share: float, lowest: bool) -> float:
 
 def dtype_agreement(s32: list[dict], s16: list[dict]) -> dict:
     """How much bf16 changes (c)'s scores of the same rows, and their ranks."""
-    from qgate.selection import column_stats, quality_scores
+    from qgate.ranking import column_stats, quality_scores
 
     n32 = np.array([s["nll"] for s in s32])
     n16 = np.array([s["nll"] for s in s16])

@@ -34,55 +34,19 @@ from qgate.data import (
     validate,
 )
 from qgate.minhash import exact_key, sample_text, signatures
-
-PLAN_FILE = "_plan.json"
-MANIFEST_FILE = "_manifest.json"
-SHARDS_DIR = "_shards"
-REJECTS_DIR = "rejects"
-SCHEMA_VERSION = 1
+from qgate.scores import (
+    MANIFEST_FILE,
+    PLAN_FILE,
+    REJECT_SCHEMA,
+    REJECTS_DIR,
+    SCHEMA_VERSION,
+    SHARDS_DIR,
+    scores_schema,
+)
 
 
 class ScoringError(RuntimeError):
     """The scoring job cannot continue safely (lost rows, mismatched resume, bad inputs)."""
-
-
-# ----------------------------------------------------------------------------- schema
-
-
-def scores_schema(
-    num_layers: int, dim: int, debug_tokens: bool = False, num_perm: int | None = None
-) -> pa.Schema:
-    """The scores row, version 1 (DESIGN.md): fixed-size float32 lists for gate and embedding,
-    and (``num_perm``) the text's exact key and MinHash signature (qgate.minhash)."""
-    f32 = pa.float32()
-    fields = [
-        ("sample_id", pa.string()),
-        ("source", pa.string()),
-        ("n_tokens", pa.int32()),
-        ("n_loss_tokens", pa.int32()),
-        ("truncated", pa.bool_()),
-        ("nll", f32),
-        ("gate", pa.list_(f32, num_layers)),
-        ("gate_mean", pa.list_(f32, num_layers)),
-        ("embedding", pa.list_(f32, dim)),
-        ("ifd", f32),
-    ]
-    if num_perm:
-        fields += [("text_key", pa.binary(16)), ("minhash", pa.list_(pa.uint32(), num_perm))]
-    if debug_tokens:
-        fields += [("token_nll", pa.list_(f32)), ("token_gates", pa.list_(pa.list_(f32)))]
-    return pa.schema(fields, metadata={"qgate_scores_version": str(SCHEMA_VERSION)})
-
-
-REJECT_SCHEMA = pa.schema(
-    [
-        ("sample_id", pa.string()),
-        ("source", pa.string()),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-        ("excerpt", pa.string()),
-    ]
-)
 
 
 # ----------------------------------------------------------------------------- planning

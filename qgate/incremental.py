@@ -23,17 +23,15 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from qgate.config import ExtendConfig, MinHash, stage_dir
-from qgate.selection import (
+from qgate.scores import (
     COMPARABLE_KEYS,
     SelectionError,
-    decide,
     iter_score_batches,
-    join_corpus,
     list_matrix,
-    load_reference,
     read_manifest,
     score_parts,
 )
+from qgate.selection import decide, join_corpus, load_reference
 from qgate.selection_log import COMMITTED, NOT_SELECTED, SelectionLog, pool_identity
 
 DRIFT_FACTOR = 2.0

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from qgate import ranking
 from qgate import selection as sel
 from qgate.config import SelectConfig, load_config
 from qgate.data import read_corpus
@@ -149,14 +150,14 @@ def test_quality_scores_match_independent_formula(tau):
     S[:, 2] = 0.5  # constant column: b - a = 0 -> eps
     S[:, 4] = 0.0  # constant zero column: mu = 0 -> eps (tau = 0) or tau
     S[:, 5] *= 1e-3
-    stats = sel.column_stats(np.array_split(S, 7))
+    stats = ranking.column_stats(np.array_split(S, 7))
     np.testing.assert_allclose(stats.a, S.min(0))
     np.testing.assert_allclose(stats.b, S.max(0))
     np.testing.assert_allclose(stats.mu, S.mean(0), rtol=1e-12)
-    q = sel.quality_scores(S, stats, tau=tau, eps=1e-8)
+    q = ranking.quality_scores(S, stats, tau=tau, eps=1e-8)
     np.testing.assert_allclose(q, _q_reference(S, tau, 1e-8), rtol=1e-10)
     # A row alone scores bit-identically to the same row inside a batch.
-    assert sel.quality_scores(S[17], stats, tau, 1e-8)[0] == q[17]
+    assert ranking.quality_scores(S[17], stats, tau, 1e-8)[0] == q[17]
 
 
 # ----------------------------------------------------------------------------- round-robin
@@ -367,13 +368,15 @@ def test_percentile_of_pool_sample_equals_its_rank():
     direction, wrong interpolation), which would skew worst_rank."""
     rng = np.random.default_rng(2)
     v = rng.normal(size=5000)
-    p = sel.percentiles(v, sel.quantile_table(v))
+    p = ranking.percentiles(v, ranking.quantile_table(v))
     rank = np.argsort(np.argsort(v)) / (v.size - 1)
     assert np.abs(p - rank).max() < 2e-3
     # Ties get the middle of their run; outside the table 0 and 1; NaN stays NaN.
     t = [0.0, 1.0, 1.0, 1.0, 2.0]
-    np.testing.assert_allclose(sel.percentiles([1.0, -5.0, 9.0, 0.5], t), [0.5, 0.0, 1.0, 0.125])
-    assert np.isnan(sel.percentiles([np.nan], t)[0])
+    np.testing.assert_allclose(
+        ranking.percentiles([1.0, -5.0, 9.0, 0.5], t), [0.5, 0.0, 1.0, 0.125]
+    )
+    assert np.isnan(ranking.percentiles([np.nan], t)[0])
 
 
 def test_worst_rank_score_is_min_of_signal_ranks(tmp_path):
