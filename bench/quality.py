@@ -11,12 +11,12 @@ Everything runs through the real stages, in one embedded Ray session:
 2. the tiny stand-in base (``build_stand_in``), pretrained on that split (realistic), and a
    second one pretrained on its clean rows only (clean-only);
 3. per gate variant (probe+linear, mix+linear, probe+target_balanced): warmup on Ray Train
-   (``jobs.warmup.run``) and scoring on Ray Data (``qgate.batch_scoring.run_scoring``);
+   (``qgate.warmup.run``) and scoring on Ray Data (``qgate.batch_scoring.run_scoring``);
 4. per method and budget: ``qgate.selection.compute_selection``; the noise labels are read
    only here, by ``qgate.report.label_metrics`` (AUROC clean vs noisy, noise shares).
 
 Downstream (main corpus, realistic base, the largest budget): the stand-in is LoRA-finetuned
-(``jobs.finetune.run``) on the selections of the best methods, of random, and on the full pool,
+(``qgate.finetune.run``) on the selections of the best methods, of random, and on the full pool,
 with the same number of steps, and scored by exact match on the test split with the lm-eval
 local task (``qgate.evaluation.evaluate``), once per ``--seeds`` entry.
 
@@ -329,7 +329,7 @@ def warmup_and_score(
     variant: GateVariant, base: str, corpus: dict, run_dir: str, st: Settings, seed: int
 ) -> dict:
     """Warmup (Ray Train) then scoring (Ray Data) for one gate variant; returns dirs + times."""
-    from jobs import warmup as warmup_job
+    from qgate import warmup as warmup_job
     from qgate.batch_scoring import run_scoring
     from qgate.config import Actors, Scaling, ScoreConfig, WarmupConfig
 
@@ -628,7 +628,7 @@ def finetune_and_eval(
     data: str, base: str, test: str, run_dir: str, st: Settings, seed: int
 ) -> dict:
     """LoRA-finetune the stand-in on ``data`` and score exact match on ``test`` (lm-eval)."""
-    from jobs import finetune as finetune_job
+    from qgate import finetune as finetune_job
     from qgate.config import EvaluateConfig, FinetuneConfig, Lora, Scaling
     from qgate.evaluation import evaluate
 

@@ -136,7 +136,7 @@ def direct(run: str, rows: list[dict], threads: int, batch: int) -> dict:
     from qgate.config import ServeConfig
     from qgate.data import validate
     from qgate.scorer import Scorer, ScoringSettings
-    from serve.app import resolve_artifacts
+    from qgate.serving import resolve_artifacts
 
     art = resolve_artifacts(ServeConfig(run_dir=run))
     scorer = Scorer(

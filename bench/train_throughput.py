@@ -5,7 +5,7 @@
     python bench/train_throughput.py --lengths 64,256                  # longer rows
     python bench/train_throughput.py --quick --steps 3                 # smoke run, minutes
 
-Each stage runs the way its job does: ``jobs.warmup.run`` and ``jobs.finetune.run`` with a
+Each stage runs the way its job does: ``qgate.warmup.run`` and ``qgate.finetune.run`` with a
 ``WarmupConfig`` / ``FinetuneConfig`` built by ``qgate.config.build``, on Ray Train with one
 worker that gets every CPU (``--cpus``, torch threads to match), on an embedded local Ray
 (``ray.init(num_cpus=--cpus + 1)``: the extra logical CPU holds the 0.25-CPU tokenize tasks
@@ -171,8 +171,8 @@ def stage_config(a, stage: str, dtype: str, model_dir: str, data: str, run_dir: 
 
 def run_stage(a, stage: str, dtype: str, model_dir: str, data: str, work: str) -> dict:
     """One (stage, dtype) run through its job's runner; tokens/s from its metrics.jsonl."""
-    from jobs import finetune as finetune_job
-    from jobs import warmup as warmup_job
+    from qgate import finetune as finetune_job
+    from qgate import warmup as warmup_job
     from qgate.training import METRICS_FILE
 
     run_dir = os.path.join(work, f"run-{stage}-{dtype}")

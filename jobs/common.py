@@ -6,9 +6,7 @@ import argparse
 import contextlib
 import os
 
-import yaml
-
-from qgate.config import ConfigError, load_config, to_dict
+from qgate.config import ConfigError, load_config
 
 
 def parse(cls, argv, description: str):
@@ -46,12 +44,3 @@ def init_ray() -> None:
     from qgate import cluster
 
     cluster.init(log_to_driver=True)
-
-
-def write_config(cfg, out_dir: str, name: str = "config.yaml") -> str:
-    """Write the resolved config beside a stage's artifacts."""
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, name)
-    with open(path, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    return path

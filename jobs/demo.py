@@ -53,9 +53,9 @@ class _Header:
 
 def run_demo(run_dir: str, size: dict, seed: int = 0) -> dict:
     """Run every stage under run_dir and return the summary (also written as JSON)."""
-    from jobs import finetune as ft_job
-    from jobs import warmup as warmup_job
     from jobs.common import init_ray
+    from qgate import finetune as ft_job
+    from qgate import warmup as warmup_job
     from qgate.batch_scoring import run_scoring
     from qgate.evaluation import evaluate
     from qgate.selection import run_selection

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import sys
 
-from jobs.common import parse, stage_run, write_config
-from qgate.config import EvaluateConfig
+from jobs.common import parse, stage_run
+from qgate.config import EvaluateConfig, write_config
 from qgate.evaluation import OFFLINE_ENV
 
 

@@ -13,46 +13,11 @@ checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import sys
 
-from jobs.common import init_ray, parse, stage_run, write_config
+from jobs.common import parse, stage_run
 from qgate.config import FinetuneConfig
-
-
-def prepare(cfg: FinetuneConfig) -> tuple[FinetuneConfig, list[dict]]:
-    """Validate everything that can fail before Ray starts; return (config, rows).
-
-    The target model path is made absolute: Ray workers need not share the driver's cwd,
-    and the adapter records it as its base.
-    """
-    from qgate.training import _tokenizer, check_target_model, load_finetune_rows, make_plan
-
-    target = cfg.target_model if "://" in cfg.target_model else os.path.abspath(cfg.target_model)
-    check_target_model(target)
-    cfg = dataclasses.replace(cfg, target_model=target)
-    rows = load_finetune_rows(cfg, _tokenizer(target))
-    make_plan(cfg, len(rows))  # enough rows for the workers
-    return cfg, rows
-
-
-def run(cfg: FinetuneConfig) -> dict:
-    """Run the finetune stage and return fit's summary (plus ``merged`` when merging)."""
-    from qgate.training import ADAPTER_DIR, MERGED_DIR, fit, merge_adapter
-
-    cfg, rows = prepare(cfg)
-    init_ray()
-    summary = fit("finetune", cfg, rows, tokenizer_path=cfg.target_model)
-    adapter = os.path.join(cfg.out_dir, ADAPTER_DIR)
-    summary["adapter"] = adapter
-    merged = os.path.join(cfg.out_dir, MERGED_DIR)
-    if cfg.merge:
-        summary["merged"] = merge_adapter(cfg.target_model, adapter, merged)
-    elif os.path.isdir(merged):
-        print(f"finetune: note: {merged} is left from an earlier run (merge=false now)")
-    write_config(cfg, cfg.out_dir)
-    return summary
+from qgate.finetune import run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,8 +10,8 @@ import json
 import logging
 import sys
 
-from jobs.common import parse, stage_run, write_config
-from qgate.config import SelectConfig, stage_dir
+from jobs.common import parse, stage_run
+from qgate.config import SelectConfig, stage_dir, write_config
 from qgate.selection import run_selection
 
 

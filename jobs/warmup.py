@@ -5,51 +5,11 @@ python -m jobs.warmup --config jobs/configs/warmup.yaml [key=value ...]
 
 from __future__ import annotations
 
-import random
 import sys
 
-from jobs.common import init_ray, parse, stage_run, write_config
-from qgate.config import WarmupConfig, stage_dir
-from qgate.data import expand_paths, read_corpus
-from qgate.model import check_base, resolve_base
-
-
-def subset(rows: list[dict], cfg: WarmupConfig) -> list[dict]:
-    """Seeded subset of the corpus (count, else ratio), independent of file order."""
-    rows = sorted(rows, key=lambda r: r["sample_id"])
-    n = cfg.subset_count or max(1, round(cfg.subset_ratio * len(rows)))
-    return sorted(
-        random.Random(cfg.seed).sample(rows, min(n, len(rows))), key=lambda r: r["sample_id"]
-    )
-
-
-def load_rows(cfg: WarmupConfig) -> tuple[list[dict], list[dict]]:
-    """Validate inputs (fail fast, before Ray) and read pool and target rows."""
-    check_base(cfg.base_model)
-    expand_paths(cfg.corpus)
-    if cfg.target:
-        expand_paths(cfg.target)
-    rows, rejects = read_corpus(cfg.corpus)
-    if not rows:
-        raise ValueError(f"no usable rows in {cfg.corpus} ({len(rejects)} rejected)")
-    rows = subset(rows, cfg)
-    if cfg.loss == "contrast":  # the second stream: corrupted copies of the pool rows
-        from qgate.corruption import make_negatives
-
-        return rows, make_negatives(rows, cfg.corruptions, cfg.seed)
-    targets = read_corpus(cfg.target)[0] if cfg.loss == "target_balanced" else []
-    return rows, targets
-
-
-def run(cfg: WarmupConfig) -> dict:
-    """Run the warmup stage and return its summary."""
-    from qgate.training import fit
-
-    rows, targets = load_rows(cfg)
-    init_ray()
-    summary = fit("warmup", cfg, rows, targets, tokenizer_path=resolve_base(cfg.base_model))
-    write_config(cfg, stage_dir(cfg.run_dir, "warmup"))
-    return summary
+from jobs.common import parse, stage_run
+from qgate.config import WarmupConfig
+from qgate.warmup import run
 
 
 def main(argv: list[str] | None = None) -> int:

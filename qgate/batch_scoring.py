@@ -329,8 +329,12 @@ def scoring_dtype(cfg: ScoreConfig) -> str:
     return dtype_name(resolve_dtype(cfg.dtype, resolve_device(cfg.device)))
 
 
-def run_scoring(cfg: ScoreConfig) -> dict:
-    """Score the corpus into RUN/scores (or cfg.output); resumable; returns the manifest."""
+def run_scoring(cfg: ScoreConfig, fault: dict | None = None) -> dict:
+    """Score the corpus into RUN/scores (or cfg.output); resumable; returns the manifest.
+
+    ``fault`` is for tests only: ``{exit_after: N, marker: PATH}`` makes a scoring actor
+    exit once on its N-th shard; ``{stop_after_shards: N}`` stops the driver after N shards.
+    """
     from qgate.model import check_base, read_meta, resolve_base
     from qgate.scorer import ScoringSettings, loaded_digests
 
@@ -402,7 +406,7 @@ def run_scoring(cfg: ScoreConfig) -> dict:
         flush=True,
     )
     if todo:
-        _run_pipeline(cfg, gates, todo, expected, out, settings)
+        _run_pipeline(cfg, gates, todo, expected, out, settings, fault or {})
 
     shard_ids = [s["shard"] for s in shards]
     moved = resolve_duplicates(out, shard_ids)
@@ -446,17 +450,6 @@ def run_scoring(cfg: ScoreConfig) -> dict:
     write_json(os.path.join(out, MANIFEST_FILE), manifest)
     manifest["output"] = out
     return manifest
-
-
-def _fault() -> dict:
-    env = os.environ
-    return {
-        "exit_after": int(env["QGATE_FAULT_SCORER_EXIT_AFTER"])
-        if env.get("QGATE_FAULT_SCORER_EXIT_AFTER")
-        else None,
-        "marker": env.get("QGATE_FAULT_MARKER", ""),
-        "stop_after_shards": int(env.get("QGATE_FAULT_STOP_AFTER_SHARDS", "0") or 0),
-    }
 
 
 def _dedup_inputs(cfg: ScoreConfig, paths: list[str]):
@@ -505,13 +498,12 @@ def actor_layout(cfg: ScoreConfig, cluster_cpus: float) -> tuple[float, int]:
     return cpus, a.threads or max(1, int(cpus))
 
 
-def _run_pipeline(cfg, gates, todo, expected, out, settings) -> None:
+def _run_pipeline(cfg, gates, todo, expected, out, settings, fault: dict) -> None:
     import ray
     import ray.data
 
     from qgate.watchdog import Watchdog
 
-    fault = _fault()  # test-only fault injection, read on the driver
     cpus, threads = actor_layout(cfg, ray.cluster_resources().get("CPU", 0))
     runtime = {"device": cfg.device, "threads": threads, "batch_tokens": cfg.batch_tokens}
     runtime |= {"debug_tokens": cfg.debug_tokens, "batch_rows": cfg.batch_rows}
@@ -523,7 +515,7 @@ def _run_pipeline(cfg, gates, todo, expected, out, settings) -> None:
             "settings": settings.to_dict(),
             "out": os.path.abspath(out),
             "runtime": runtime,
-            "fault": fault if fault["exit_after"] else None,
+            "fault": fault if fault.get("exit_after") else None,
         },
         compute=ray.data.ActorPoolStrategy(
             min_size=cfg.actors.min_size, max_size=cfg.actors.max_size
@@ -548,7 +540,7 @@ def _run_pipeline(cfg, gates, todo, expected, out, settings) -> None:
             f"rejected ({rows_done}/{n_rows} rows, {rate:.0f} tok/s)",
             flush=True,
         )
-        if fault["stop_after_shards"] and len(seen) >= fault["stop_after_shards"]:
+        if fault.get("stop_after_shards") and len(seen) >= fault["stop_after_shards"]:
             raise ScoringError(f"fault injection: driver stopped after {len(seen)} shard(s)")
     missing = sorted(s["shard"] for s in todo if s["shard"] not in seen)
     if missing:

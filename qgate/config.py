@@ -794,6 +794,15 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def write_config(cfg, out_dir: str, name: str = "config.yaml") -> str:
+    """Write the resolved config beside a stage's artifacts; returns its path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    return path
+
+
 def stage_dir(run_dir: str, stage: str) -> str:
     """RUN/<stage>, the folder each stage writes its artifacts to."""
     return os.path.join(run_dir, stage)

@@ -119,7 +119,9 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
 
 
 @lru_cache(maxsize=4)
-def _tokenizer(path: str):
+def load_tokenizer(path: str):
+    """The model's tokenizer, with a pad token (eos when it has none) and the fallback chat
+    template when it has no template of its own: how every stage tokenizes."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
@@ -132,7 +134,7 @@ def tokenize_batch(batch: dict, tokenizer_path: str, max_length: int, loss_on: s
     """Ray Data UDF: canonical rows -> input_ids / labels (object arrays of int lists)."""
     from qgate.data import tokenize_messages
 
-    tok = _tokenizer(tokenizer_path)
+    tok = load_tokenizer(tokenizer_path)
     ids, labels = [], []
     for messages in batch["messages"]:
         msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
@@ -605,10 +607,13 @@ def fit(
     rows: list[dict],
     targets: list[dict] | None = None,
     tokenizer_path: str | None = None,
+    fault: dict | None = None,
 ) -> dict:
     """Train on Ray Train and write RUN/<stage>/ (artifact files, metrics.jsonl, config).
 
     ``rows`` (and optional ``targets``) are canonical rows. Returns a summary dict.
+    ``fault`` is for tests only: ``{kill_at_step: N, marker: PATH}`` makes the last rank
+    exit once at step N.
     """
     import ray
     import ray.data
@@ -652,12 +657,6 @@ def fit(
 
     res = dict(cfg.scaling.resources_per_worker)
     threads = cfg.device_threads or max(1, int(res.get("CPU", 1)))
-    fault = None
-    if os.environ.get("QGATE_FAULT_KILL_AT_STEP"):  # test-only: kill one worker once
-        fault = {
-            "kill_at_step": int(os.environ["QGATE_FAULT_KILL_AT_STEP"]),
-            "marker": os.environ["QGATE_FAULT_MARKER"],
-        }
     loop_cfg = {
         "stage": stage,
         "cfg": to_dict(cfg),

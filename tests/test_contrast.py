@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from jobs import warmup as job
 from qgate import losses
 from qgate import model as M
+from qgate import warmup as stage
 from qgate.config import ConfigError, WarmupConfig, load_config
 from qgate.corruption import CORRUPTIONS, make_negatives
 from qgate.data import read_corpus
@@ -64,7 +64,7 @@ def contrast_run(tiny_model, corpus, ray_session, tmp_path_factory):
     args += SMALL + ["loss=contrast", "target_fraction=0.5", "max_steps=40"]
     args += ["report_every=10", "checkpoint_every=40", "gate_bias=false"]
     cfg = load_config(WarmupConfig, None, args)
-    return cfg, job.run(cfg)
+    return cfg, stage.run(cfg)
 
 
 def test_contrast_warmup_trains_and_scores_like_the_score_stage(contrast_run, tiny_model, corpus):

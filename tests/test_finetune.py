@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from jobs import finetune as job
+from qgate import finetune as stage
 from qgate.config import FinetuneConfig, load_config
 from qgate.model import model_digest
 
@@ -64,12 +65,9 @@ def killed_run(tmp_path_factory, tiny_model, corpus, ray_session):
     data = _write_jsonl(root / "selected.jsonl", rows)
     cfg = _cfg(root / "run", tiny_model, data)
     digest = model_digest(tiny_model)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("QGATE_FAULT_KILL_AT_STEP", str(KILL_AT))
-        mp.setenv("QGATE_FAULT_MARKER", str(root / "killed"))
-        summary = job.run(cfg)
+    summary = stage.run(cfg, fault={"kill_at_step": KILL_AT, "marker": str(root / "killed")})
     assert os.path.exists(root / "killed"), "the fault was never injected"
-    return summary, job.prepare(cfg)[0], digest
+    return summary, stage.prepare(cfg)[0], digest
 
 
 def _final_state(cfg: FinetuneConfig) -> dict:
@@ -204,7 +202,7 @@ def test_bad_rows_are_refused_before_ray(tmp_path, tiny_model, capsys):
     path = _write_jsonl(tmp_path / "long.jsonl", [good, long])
     cfg = load_config(FinetuneConfig, None, argv[:2] + [f"data=[{path}]", "max_length=32"])
     with pytest.raises(ValueError, match=r"long \(long\): no_answer_after_truncation"):
-        job.prepare(cfg)
+        stage.prepare(cfg)
 
 
 def test_empty_or_missing_selection_is_an_error(tmp_path, tiny_model, capsys):

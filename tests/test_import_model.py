@@ -235,7 +235,7 @@ def test_pipeline_runs_on_imported_model(smollm2_dir, corpus, ray_session, tmp_p
     and select on a handful of rows of the imported SmolLM2 (30 layers, its chat template)."""
     import pyarrow.parquet as pq
 
-    from jobs import warmup as warmup_job
+    from qgate import warmup as warmup_job
     from qgate.batch_scoring import run_scoring
     from qgate.config import ScoreConfig, SelectConfig, WarmupConfig, load_config
     from qgate.data import read_corpus, write_jsonl

@@ -198,8 +198,8 @@ def test_extend_adds_what_a_full_reselection_on_the_reference_selects(grown):
 
 
 def test_log_feeds_finetune(grown, tiny_model):
-    from jobs.finetune import prepare
     from qgate.config import FinetuneConfig
+    from qgate.finetune import prepare
 
     log = os.path.join(grown["run"], "selection", "log.jsonl")
     if not os.path.exists(log):  # this test may run alone

@@ -189,29 +189,24 @@ def test_every_row_once_with_reasons(tiny_model, corpus, ray_session, tmp_path):
     assert table.column("ifd").null_count == 0
 
 
-def test_killed_actor_job_completes(tiny_model, corpus, ray_session, tmp_path, monkeypatch):
+def test_killed_actor_job_completes(tiny_model, corpus, ray_session, tmp_path):
     """Guards against an actor crash losing or duplicating rows."""
-    monkeypatch.setenv("QGATE_FAULT_SCORER_EXIT_AFTER", "2")
-    monkeypatch.setenv("QGATE_FAULT_MARKER", str(tmp_path / "died"))
-    m = run_scoring(_score_cfg(tiny_model, [corpus["pool"]], str(tmp_path / "s")))
+    fault = {"exit_after": 2, "marker": str(tmp_path / "died")}
+    m = run_scoring(_score_cfg(tiny_model, [corpus["pool"]], str(tmp_path / "s")), fault=fault)
     assert (tmp_path / "died").exists()
     scored, rejects = _all_ids(str(tmp_path / "s"))
     ids = [r["sample_id"] for r in D.read_corpus(corpus["pool"])[0]]
     assert sorted(scored) == sorted(ids) and not rejects and m["scored"] == len(ids)
 
 
-def test_interrupted_driver_resumes_without_duplicates(
-    tiny_model, corpus, ray_session, tmp_path, monkeypatch
-):
+def test_interrupted_driver_resumes_without_duplicates(tiny_model, corpus, ray_session, tmp_path):
     """Guards against a re-launch appending, re-scoring done shards, or losing rows."""
     cfg = _score_cfg(tiny_model, [corpus["pool"]], str(tmp_path / "s"))
-    monkeypatch.setenv("QGATE_FAULT_STOP_AFTER_SHARDS", "2")
     with pytest.raises(ScoringError, match="fault injection"):
-        run_scoring(cfg)
+        run_scoring(cfg, fault={"stop_after_shards": 2})
     assert not os.path.exists(tmp_path / "s" / MANIFEST_FILE)
     done = sorted(os.listdir(tmp_path / "s" / "_shards"))
     mtimes = {d: os.path.getmtime(tmp_path / "s" / "_shards" / d) for d in done}
-    monkeypatch.delenv("QGATE_FAULT_STOP_AFTER_SHARDS")
     m = run_scoring(cfg)
     assert all(os.path.getmtime(tmp_path / "s" / "_shards" / d) == t for d, t in mtimes.items())
     scored, _ = _all_ids(str(tmp_path / "s"))

@@ -460,7 +460,8 @@ def test_model_refuses_artifacts_it_would_not_match(artifacts, tiny_model, tmp_p
     import dataclasses
 
     from qgate.model import convert
-    from serve.app import QGateModel, resolve_artifacts
+    from qgate.serving import resolve_artifacts
+    from serve.app import QGateModel
 
     other = convert(tiny_model, str(tmp_path / "other_gates"), seed=7)
     cfg = dataclasses.replace(artifacts["cfg"], gates=other)

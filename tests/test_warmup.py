@@ -11,6 +11,7 @@ import torch
 from jobs import warmup as job
 from qgate import losses
 from qgate import model as M
+from qgate import warmup as stage
 from qgate.config import ConfigError, WarmupConfig, load_config
 from qgate.data import read_corpus, tokenize_messages
 
@@ -44,7 +45,7 @@ def _gate_means(model, tok, rows):
 def probe_run(tiny_model, corpus, ray_session, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("warmup_probe")
     cfg = _cfg(tiny_model, corpus, run_dir, "max_steps=16", "report_every=2", "checkpoint_every=8")
-    return cfg, job.run(cfg)
+    return cfg, stage.run(cfg)
 
 
 def test_two_worker_run_trains_only_gates(probe_run, tiny_model):
@@ -97,19 +98,16 @@ def test_target_balanced_opens_gates_on_target(tiny_model, corpus, ray_session, 
         "batch_size=8",
         "lr=0.03",
     )
-    job.run(cfg)
+    stage.run(cfg)
     model, tok, _ = M.load_gated_model(tiny_model, gates=os.path.join(tmp_path, "warmup"))
     pool = [r for r in read_corpus(corpus["pool"])[0][:24]]
     target = read_corpus(corpus["target"])[0][:24]
     assert _gate_means(model, tok, target).mean() > _gate_means(model, tok, pool).mean() + 0.01
 
 
-def test_killed_worker_resumes_from_checkpoint(
-    tiny_model, corpus, ray_session, tmp_path, monkeypatch
-):
+def test_killed_worker_resumes_from_checkpoint(tiny_model, corpus, ray_session, tmp_path):
     """Guards against a worker crash restarting from step 0 or repeating steps in metrics."""
-    monkeypatch.setenv("QGATE_FAULT_KILL_AT_STEP", "7")
-    monkeypatch.setenv("QGATE_FAULT_MARKER", str(tmp_path / "killed"))
+    fault = {"kill_at_step": 7, "marker": str(tmp_path / "killed")}
     cfg = _cfg(
         tiny_model,
         corpus,
@@ -119,7 +117,7 @@ def test_killed_worker_resumes_from_checkpoint(
         "checkpoint_every=5",
         "max_failures=2",
     )
-    summary = job.run(cfg)
+    summary = stage.run(cfg, fault=fault)
     assert (tmp_path / "killed").exists()  # the fault really fired
     steps = [h["step"] for h in summary["history"]]
     assert steps == list(range(1, 11))  # no repeated or skipped step
