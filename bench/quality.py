@@ -302,7 +302,8 @@ def build_bases(corpus: dict, out: str, st: Settings, clock: Clock, seed: int) -
     """The stand-in pretrained on the realistic pretrain split, and on its clean rows only."""
     import ray
 
-    from qgate.synthetic import build_stand_in, read_rows
+    from qgate.stand_in import build_stand_in
+    from qgate.synthetic import read_rows
 
     rows = read_rows(corpus["pretrain"])
     kw = dict(

@@ -122,7 +122,7 @@ SHORT = {"float32": "fp32", "bfloat16": "bf16"}
 def build_model(model_dir: str, texts: list[str], a: argparse.Namespace) -> str:
     """A random-weight model of the requested shape, with a BPE tokenizer trained on ``texts``.
 
-    ``qgate.synthetic.build_tiny_model`` trains the tokenizer and writes a Qwen3. For
+    ``qgate.stand_in.build_tiny_model`` trains the tokenizer and writes a Qwen3. For
     ``--shape smollm2``, or when the model's vocab (``--model-vocab``) or ``--head-dim``
     differ from what it builds (a real Qwen3 has 151936 logits and head_dim 128 whatever the
     tokenizer), the model is rebuilt at that shape; token ids of the small tokenizer are all
@@ -138,7 +138,7 @@ def build_model(model_dir: str, texts: list[str], a: argparse.Namespace) -> str:
         Qwen3ForCausalLM,
     )
 
-    from qgate.synthetic import build_tiny_model
+    from qgate.stand_in import build_tiny_model
 
     smol = a.shape == "smollm2"
     reshape = smol or a.model_vocab or a.head_dim
@@ -711,7 +711,7 @@ def throughput(a, work: str, pairs, results: dict):
 
     from qgate.model import check_base
     from qgate.scorer import Scorer, ScoringSettings
-    from qgate.synthetic import row_texts
+    from qgate.stand_in import row_texts
 
     methods = set(a.methods)
     t = time.perf_counter()
@@ -973,7 +973,7 @@ def memory_test(a, work: str, pairs, layout) -> dict:
     """Driver peak RSS and CPU time of run_scoring at each of --sizes, each in a fresh process."""
     from transformers import AutoTokenizer
 
-    from qgate.synthetic import row_texts
+    from qgate.stand_in import row_texts
 
     m = argparse.Namespace(**vars(a))
     for k, v in MEM_MODEL.items():

@@ -42,7 +42,8 @@ def build_artifacts(work: str, hidden: int, layers: int, n_pool: int, max_length
     from qgate.batch_scoring import run_scoring
     from qgate.config import ScoreConfig, SelectConfig
     from qgate.selection import run_selection
-    from qgate.synthetic import build_tiny_model, generate_corpus, read_rows, row_texts
+    from qgate.stand_in import build_tiny_model, row_texts
+    from qgate.synthetic import generate_corpus, read_rows
 
     data = generate_corpus(
         os.path.join(work, "data"), seed=0, n_pool=n_pool, n_target=10, n_test=10, n_pretrain=300

@@ -112,7 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_model(a, work: str, pairs) -> tuple[str, str]:
     """(model directory, description): --model-dir, else random weights of --shape."""
-    from qgate.synthetic import row_texts
+    from qgate.stand_in import row_texts
 
     if a.model_dir:
         return os.path.abspath(a.model_dir), f"{a.model_dir} (its own weights)"

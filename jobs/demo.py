@@ -59,8 +59,9 @@ def run_demo(run_dir: str, size: dict, seed: int = 0) -> dict:
     from qgate.batch_scoring import run_scoring
     from qgate.evaluation import evaluate
     from qgate.selection import run_selection
+    from qgate.stand_in import build_stand_in
     from qgate.status import track
-    from qgate.synthetic import build_stand_in, generate_corpus
+    from qgate.synthetic import generate_corpus
 
     t0 = time.time()
     _stage = _Header(t0)

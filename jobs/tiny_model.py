@@ -9,7 +9,8 @@ import argparse
 import json
 import os
 
-from qgate.synthetic import build_stand_in, build_tiny_model, read_rows, row_texts
+from qgate.stand_in import build_stand_in, build_tiny_model, row_texts
+from qgate.synthetic import read_rows
 
 
 def main(argv: list[str] | None = None) -> int:

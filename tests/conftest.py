@@ -29,7 +29,8 @@ def corpus(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, corpus) -> str:
     """A tiny random Qwen3 (2 layers, hidden 32) with a BPE tokenizer, saved in HF format."""
-    from qgate.synthetic import build_tiny_model, read_rows, row_texts
+    from qgate.stand_in import build_tiny_model, row_texts
+    from qgate.synthetic import read_rows
 
     out = tmp_path_factory.mktemp("tiny_model")
     texts = row_texts(read_rows(corpus["pretrain"]))

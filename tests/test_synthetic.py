@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qgate import data, synthetic
+from qgate import data, stand_in, synthetic
 
 N_POOL = 1400
 
@@ -26,7 +26,7 @@ def corpus(tmp_path_factory) -> dict[str, list[dict]]:
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, corpus) -> str:
     out = tmp_path_factory.mktemp("tiny")
-    return synthetic.build_tiny_model(out, synthetic.row_texts(corpus["pretrain"]), vocab_size=512)
+    return stand_in.build_tiny_model(out, stand_in.row_texts(corpus["pretrain"]), vocab_size=512)
 
 
 def _user(row: dict) -> str:
@@ -171,7 +171,7 @@ def test_tokenizer_round_trip_and_chat_template(tiny_dir):
     text = "Reverse the word 'tamori'.\n  x ü 42 — ok"
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
-    for special in synthetic.SPECIAL_TOKENS:
+    for special in stand_in.SPECIAL_TOKENS:
         assert len(tok.encode(special, add_special_tokens=False)) == 1
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "42"}]
     rendered = data.render_chat(tok, messages)
@@ -203,8 +203,8 @@ def test_tiny_model_round_trips(tiny_dir, corpus, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, again(ids).logits)
     state = torch.get_rng_state()
-    texts = synthetic.row_texts(corpus["pretrain"])
-    other = synthetic.build_tiny_model(tmp_path / "same", texts, vocab_size=512)
+    texts = stand_in.row_texts(corpus["pretrain"])
+    other = stand_in.build_tiny_model(tmp_path / "same", texts, vocab_size=512)
     assert torch.equal(torch.get_rng_state(), state)
     same = AutoModelForCausalLM.from_pretrained(other).state_dict()
     assert all(torch.equal(same[k], v) for k, v in model.state_dict().items())
@@ -223,9 +223,9 @@ def _held_out_loss(model_dir: str, rows: list[dict]) -> float:
 def test_pretrain_lowers_held_out_loss(corpus, tmp_path):
     """Guards against a pretraining loop that does not learn (wrong labels, no optimizer
     step, nothing saved): loss on unseen test rows must drop far below random init."""
-    out = synthetic.build_tiny_model(tmp_path, synthetic.row_texts(corpus["pretrain"]))
+    out = stand_in.build_tiny_model(tmp_path, stand_in.row_texts(corpus["pretrain"]))
     before = _held_out_loss(out, corpus["test"][:64])
-    stats = synthetic.pretrain(out, corpus["pretrain"], epochs=2, max_steps=60, log_every=10)
+    stats = stand_in.pretrain(out, corpus["pretrain"], epochs=2, max_steps=60, log_every=10)
     after = _held_out_loss(out, corpus["test"][:64])
     assert before > math.log(1024) - 1.0  # random init: about uniform over the vocab
     assert after < before - 2.0, (before, after)
@@ -235,11 +235,11 @@ def test_pretrain_lowers_held_out_loss(corpus, tmp_path):
 
 def test_build_stand_in_routes_arguments(corpus, tmp_path):
     """Guards against keyword arguments silently dropped or sent to the wrong step."""
-    out = synthetic.build_stand_in(
+    out = stand_in.build_stand_in(
         tmp_path, corpus["pretrain"][:64], hidden_size=32, num_layers=1, max_steps=2
     )
     cfg = AutoModelForCausalLM.from_pretrained(out).config
     assert (cfg.hidden_size, cfg.num_hidden_layers) == (32, 1)
     assert '"steps": 2' in (Path(out) / "pretrain_stats.json").read_text()
     with pytest.raises(TypeError, match="hiden_size"):
-        synthetic.build_stand_in(tmp_path, corpus["pretrain"][:8], hiden_size=32)
+        stand_in.build_stand_in(tmp_path, corpus["pretrain"][:8], hiden_size=32)
