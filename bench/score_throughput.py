@@ -211,7 +211,7 @@ def write_corpus(
     Each pair's rendered token count is measured once (chat turns end in special tokens,
     so counts add up); pairs are appended until the target is reached.
     """
-    from qgate.data import render_chat
+    from qgate.chat import render_chat
 
     sizes = [len(tok(render_chat(tok, p), add_special_tokens=False)["input_ids"]) for p in pairs]
     rng = random.Random(seed)

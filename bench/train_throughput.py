@@ -230,7 +230,8 @@ def main(argv=None) -> int:
     model_dir, origin = build_model(a, work, pairs)
     tok = AutoTokenizer.from_pretrained(model_dir)
     data = training_rows(a, work, pairs, tok)
-    from qgate.data import read_corpus, tokenize_messages
+    from qgate.chat import tokenize_messages
+    from qgate.data import read_corpus
 
     rows = read_corpus(data)[0]
     lens = np.array(

@@ -202,7 +202,7 @@ def plain_copy(gguf_model: nn.Module) -> nn.Module:
 
 def check_prompt(tokenizer) -> torch.Tensor:
     """Token ids (1, T) of the short chat prompt used to compare logits, rendered as qgate does."""
-    from qgate.data import render_chat
+    from qgate.chat import render_chat
 
     text = render_chat(tokenizer, CHECK_MESSAGES, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
@@ -322,7 +322,7 @@ def read_provenance(model_dir: str) -> dict:
 @torch.no_grad()
 def greedy_answer(model: nn.Module, tokenizer, question: str, max_new_tokens: int = 10) -> str:
     """A short greedy reply to one user message, so a human can see the model works."""
-    from qgate.data import render_chat
+    from qgate.chat import render_chat
 
     text = render_chat(tokenizer, [{"role": "user", "content": question}], True)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]

@@ -11,7 +11,7 @@ of chat rows (the synthetic generator's ``test`` split) into an lm-eval task YAM
 greedy decoding stopped at the tokenizer's eos (``<|im_end|>`` for ChatML), scored by
 exact match against the row's ``answer`` (else its last assistant turn), ignoring leading
 and trailing whitespace. Its prompt is the conversation before the last assistant turn,
-rendered by :func:`qgate.data.render_chat` with the generation prompt: the same
+rendered by :func:`qgate.chat.render_chat` with the generation prompt: the same
 formatting finetune trained on. With ``apply_chat_template=True`` lm-eval renders it
 instead, from the raw user turn, through the same tokenizer template.
 
@@ -84,7 +84,7 @@ def local_task_config(data_file: str, eos: str, max_gen_toks: int, chat: bool, n
         "test_split": "test",
         "output_type": "generate_until",
         # chat: lm-eval wraps the raw user turn in the chat template; else the prompt is
-        # already rendered by qgate.data.render_chat.
+        # already rendered by qgate.chat.render_chat.
         "doc_to_text": "{{user}}" if chat else "{{prompt}}",
         "doc_to_target": "{{answer}}",
         "target_delimiter": "",
@@ -121,7 +121,7 @@ def write_local_task(
     The data file name carries a digest of its content, so lm-eval's dataset cache can never
     serve a stale copy when the test file or the tokenizer changes.
     """
-    from qgate.data import render_chat
+    from qgate.chat import render_chat
 
     rows = read_test_rows(test_path)
     if chat:

@@ -192,7 +192,8 @@ def tokenize_for_scoring(
 
     Raises ``RowError(no_answer_after_truncation)`` when truncation leaves nothing to score.
     """
-    from qgate.data import NO_ANSWER_AFTER_TRUNCATION, RowError, answer_only, tokenize_messages
+    from qgate.chat import answer_only, tokenize_messages
+    from qgate.data import NO_ANSWER_AFTER_TRUNCATION, RowError
 
     enc = tokenize_messages(tokenizer, messages, max_length, loss_on)
     if sum(1 for t in enc["labels"][1:] if t != -100) == 0:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from qgate import data
+from qgate import chat
 from qgate.synthetic import read_rows
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def pretrain(
 
     Runs ``epochs`` passes or ``max_steps`` steps, whichever ends first. Single process, fp32
     (torch's thread count: all cores by default), AdamW, short warmup, cosine decay. Chats are
-    rendered with :func:`qgate.data.render_chat`, the formatting every stage uses. Returns
+    rendered with :func:`qgate.chat.render_chat`, the formatting every stage uses. Returns
     ``steps``, ``final_loss`` (mean over the last ``log_every`` steps) and ``tokens_per_s``.
     """
     import torch
@@ -144,7 +144,7 @@ def pretrain(
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    texts = [data.render_chat(tokenizer, row["messages"]) for row in rows]
+    texts = [chat.render_chat(tokenizer, row["messages"]) for row in rows]
     if not texts:
         raise ValueError("pretrain got no rows")
     enc = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length)

@@ -132,7 +132,7 @@ def load_tokenizer(path: str):
 
 def tokenize_batch(batch: dict, tokenizer_path: str, max_length: int, loss_on: str) -> dict:
     """Ray Data UDF: canonical rows -> input_ids / labels (object arrays of int lists)."""
-    from qgate.data import tokenize_messages
+    from qgate.chat import tokenize_messages
 
     tok = load_tokenizer(tokenizer_path)
     ids, labels = [], []
@@ -219,13 +219,8 @@ def load_finetune_rows(cfg: FinetuneConfig, tokenizer) -> list[dict]:
     as a whole (a bad row in a selection means something upstream is broken, not noise to
     skip quietly); an empty selection is an error, not a no-op.
     """
-    from qgate.data import (
-        NO_ANSWER_AFTER_TRUNCATION,
-        Reject,
-        expand_paths,
-        read_corpus,
-        tokenize_messages,
-    )
+    from qgate.chat import tokenize_messages
+    from qgate.data import NO_ANSWER_AFTER_TRUNCATION, Reject, expand_paths, read_corpus
 
     try:
         paths = expand_paths(cfg.data_paths)

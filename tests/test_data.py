@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
@@ -11,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
+from qgate import chat
 from qgate import data as D
 
 GOOD = {
@@ -124,12 +126,12 @@ def test_label_mask_covers_exactly_assistant_tokens(tiny_model):
         {"role": "user", "content": "again"},
         {"role": "assistant", "content": "cba too"},
     ]
-    enc = D.tokenize_messages(tok, msgs, max_length=256)
+    enc = chat.tokenize_messages(tok, msgs, max_length=256)
     labelled = [t for t in enc["labels"] if t != -100]
     assert tok.decode(labelled) == f"cba{tok.eos_token}cba too{tok.eos_token}"
-    full = D.tokenize_messages(tok, msgs, max_length=256, loss_on="all")
+    full = chat.tokenize_messages(tok, msgs, max_length=256, loss_on="all")
     assert full["labels"] == full["input_ids"]
-    short = D.tokenize_messages(tok, msgs, max_length=10)
+    short = chat.tokenize_messages(tok, msgs, max_length=10)
     assert short["truncated"] and len(short["input_ids"]) == 10
     assert short["n_tokens_full"] == len(enc["input_ids"])
 
@@ -138,9 +140,9 @@ def test_fallback_template_without_chat_template(tiny_model):
     """Guards against tokenizers with no chat template crashing formatting."""
     tok = AutoTokenizer.from_pretrained(tiny_model)
     tok.chat_template = None
-    text = D.render_chat(tok, GOOD["messages"])
+    text = chat.render_chat(tok, GOOD["messages"])
     assert text == f"### User:\nhi\n\n### Assistant:\nhello{tok.eos_token}\n\n"
-    enc = D.tokenize_messages(tok, GOOD["messages"], max_length=64)
+    enc = chat.tokenize_messages(tok, GOOD["messages"], max_length=64)
     assert tok.decode([t for t in enc["labels"] if t != -100]) == f"hello{tok.eos_token}"
 
 
@@ -194,7 +196,7 @@ def test_deep_nesting_surrogates_and_huge_ints_become_rejects(tmp_path):
     assert rejects[3].sample_id == "x\\udc00"  # a writable id, still recognisable
     assert "4300 digits" in rejects[5].detail
     # every reject can go to parquet as it is
-    table = pa.Table.from_pylist([r.to_dict() for r in rejects])
+    table = pa.Table.from_pylist([dataclasses.asdict(r) for r in rejects])
     assert table.num_rows == 6
     # content_hash never raises, and valid text hashes as it always did
     assert len(D.content_hash([{"role": "user", "content": "\ud83d"}])) == 20
@@ -517,13 +519,13 @@ def _check_answer_mask(tok, answer: str) -> tuple[int, str]:
     Returns (how many labelled tokens start before the answer, the decoded labelled text).
     """
     msgs = [{"role": "user", "content": "what?"}, {"role": "assistant", "content": answer}]
-    text = D.render_chat(tok, msgs)
-    prompt = D.render_chat(tok, msgs[:1], add_generation_prompt=True)
+    text = chat.render_chat(tok, msgs)
+    prompt = chat.render_chat(tok, msgs[:1], add_generation_prompt=True)
     start = len(prompt)
     assert text.startswith(prompt) and text.startswith(answer, start)
     end = start + len(answer)
     end += len(tok.eos_token) if text.startswith(tok.eos_token, end) else 0
-    enc = D.tokenize_messages(tok, msgs, max_length=512)
+    enc = chat.tokenize_messages(tok, msgs, max_length=512)
     offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     labelled = [j for j, t in enumerate(enc["labels"]) if t != -100]
     assert labelled == [j for j, (a, b) in enumerate(offsets) if a < end and b > start]
@@ -591,7 +593,7 @@ def test_mask_survives_a_template_that_trims_content(tiny_model):
         "<|im_end|>\n{% endfor %}"
     )
     msgs = [{"role": "user", "content": "q "}, {"role": "assistant", "content": " ok\n"}]
-    enc = D.tokenize_messages(tok, msgs, max_length=64)
+    enc = chat.tokenize_messages(tok, msgs, max_length=64)
     assert tok.decode([t for t in enc["labels"] if t != -100]) == "ok<|im_end|>"
 
 
@@ -606,8 +608,8 @@ def test_template_errors_are_tokenization_errors(tiny_model):
     with pytest.raises(
         D.RowError, match="tokenization_error: chat template failed: .*user first"
     ) as e:
-        D.tokenize_messages(tok, [{"role": "assistant", "content": "hi"}], max_length=16)
+        chat.tokenize_messages(tok, [{"role": "assistant", "content": "hi"}], max_length=16)
     assert e.value.reason == D.TOKENIZATION_ERROR
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}{% endfor %}"  # drops content
     with pytest.raises(D.RowError, match="dropped or rewrote"):
-        D.tokenize_messages(tok, GOOD["messages"], max_length=16)
+        chat.tokenize_messages(tok, GOOD["messages"], max_length=16)

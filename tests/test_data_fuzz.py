@@ -8,6 +8,7 @@ types. Tests that run a whole stage on such a corpus can draw from them.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
@@ -18,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from qgate import chat
 from qgate import data as D
 
 # Strings that broke readers somewhere, mixed into generated text.
@@ -228,7 +230,7 @@ def test_every_line_comes_out_exactly_once(cases, bom, suffix, split):
     for (line, expected), item in zip(cases, out, strict=True):
         if isinstance(item, D.Reject):
             _check_reject(item)
-            rejects.append(item.to_dict())
+            rejects.append(dataclasses.asdict(item))
             assert not isinstance(expected, list), (line[:80], item)
         else:
             _check_canonical(item)
@@ -306,7 +308,7 @@ def test_tokenize_never_raises_on_canonical_rows(tokenizer, messages, max_length
     row = D.validate({"messages": messages}, "fuzz")
     if isinstance(row, D.Reject):
         return
-    enc = D.tokenize_messages(tokenizer, row["messages"], max_length)
+    enc = chat.tokenize_messages(tokenizer, row["messages"], max_length)
     n = len(enc["input_ids"])
     assert n == min(max_length, enc["n_tokens_full"]) and len(enc["labels"]) == n
     assert enc["truncated"] == (enc["n_tokens_full"] > max_length)

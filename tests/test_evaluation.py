@@ -11,8 +11,8 @@ import torch
 import yaml
 
 from jobs import evaluate as job
+from qgate.chat import render_chat
 from qgate.config import EvaluateConfig, load_config
-from qgate.data import render_chat
 from qgate.evaluation import evaluate, write_local_task
 
 LIMIT, GEN = 8, 6
@@ -112,7 +112,7 @@ def test_local_task_prompt_is_the_training_format(tmp_path, tiny_model, corpus):
 def test_base_model_results(base_run, tiny_model, corpus):
     """Guards against results.json missing the metric, the model used or the limit, an
     exact_match that is not the per-doc comparison of generation and answer, and lm-eval
-    seeing a prompt other than the one rendered by qgate.data.render_chat."""
+    seeing a prompt other than the one rendered by qgate.chat.render_chat."""
     from transformers import AutoTokenizer
 
     res = _results(base_run)

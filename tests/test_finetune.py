@@ -80,7 +80,7 @@ def _final_state(cfg: FinetuneConfig) -> dict:
 
 
 def _batch(tok, corpus):
-    from qgate.data import render_chat
+    from qgate.chat import render_chat
 
     with open(corpus["test"]) as f:
         rows = [json.loads(line) for line in f][:4]

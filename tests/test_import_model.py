@@ -59,7 +59,7 @@ def gguf_model(imported):
 
 
 def _ids(tokenizer, messages) -> torch.Tensor:
-    from qgate.data import render_chat
+    from qgate.chat import render_chat
 
     text = render_chat(tokenizer, messages, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]

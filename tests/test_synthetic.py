@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qgate import data, stand_in, synthetic
+from qgate import chat, data, stand_in, synthetic
 
 N_POOL = 1400
 
@@ -174,15 +174,15 @@ def test_tokenizer_round_trip_and_chat_template(tiny_dir):
     for special in stand_in.SPECIAL_TOKENS:
         assert len(tok.encode(special, add_special_tokens=False)) == 1
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "42"}]
-    rendered = data.render_chat(tok, messages)
+    rendered = chat.render_chat(tok, messages)
     assert rendered == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n42<|im_end|>\n"
-    prompt = data.render_chat(tok, messages[:1], add_generation_prompt=True)
+    prompt = chat.render_chat(tok, messages[:1], add_generation_prompt=True)
     assert prompt == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     ids = tok.encode(rendered, add_special_tokens=False)
     assert ids.count(tok.eos_token_id) == 2
     assert tok.decode(ids) == rendered
     # offsets work, so the project's loss mask finds the answer and its closing eos
-    enc = data.tokenize_messages(tok, messages, max_length=64)
+    enc = chat.tokenize_messages(tok, messages, max_length=64)
     assert tok.decode([t for t in enc["labels"] if t != -100]) == "42<|im_end|>"
 
 
@@ -213,7 +213,7 @@ def test_tiny_model_round_trips(tiny_dir, corpus, tmp_path):
 def _held_out_loss(model_dir: str, rows: list[dict]) -> float:
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    texts = [data.render_chat(tok, r["messages"]) for r in rows]
+    texts = [chat.render_chat(tok, r["messages"]) for r in rows]
     enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
     labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
     with torch.no_grad():

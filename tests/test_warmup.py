@@ -12,8 +12,9 @@ from jobs import warmup as job
 from qgate import losses
 from qgate import model as M
 from qgate import warmup as stage
+from qgate.chat import tokenize_messages
 from qgate.config import ConfigError, WarmupConfig, load_config
-from qgate.data import read_corpus, tokenize_messages
+from qgate.data import read_corpus
 
 SMALL = ["batch_size=4", "max_length=96", "scaling.resources_per_worker={CPU: 0.5}", "lr=0.01"]
 
