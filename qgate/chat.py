@@ -4,6 +4,8 @@ labels that put the loss (and the score) on the assistant's answer only.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from qgate.rejects import TOKENIZATION_ERROR, RowError, describe_error
 
 # Used when a tokenizer has no chat template. Plain text markers, so any tokenizer can
@@ -173,3 +175,15 @@ def tokenize_messages(
 def answer_only(messages: list[dict]) -> list[dict]:
     """The assistant turns alone: the context-free input that IFD compares against."""
     return [m for m in messages if m["role"] == "assistant"]
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(path: str):
+    """A model directory's tokenizer, with eos as the pad token when it has none: the one
+    tokenizer loader of every stage (cached per path; callers do not modify it)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok

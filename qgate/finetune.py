@@ -24,7 +24,9 @@ def prepare(cfg: FinetuneConfig) -> tuple[FinetuneConfig, list[dict]]:
     The target model path is made absolute: Ray workers need not share the driver's cwd,
     and the adapter records it as its base.
     """
-    from qgate.training import check_target_model, load_finetune_rows, load_tokenizer, make_plan
+    from qgate.chat import load_tokenizer
+    from qgate.lora import check_target_model, load_finetune_rows
+    from qgate.training import make_plan
 
     target = cfg.target_model if "://" in cfg.target_model else os.path.abspath(cfg.target_model)
     check_target_model(target)
@@ -37,7 +39,8 @@ def prepare(cfg: FinetuneConfig) -> tuple[FinetuneConfig, list[dict]]:
 def run(cfg: FinetuneConfig, fault: dict | None = None) -> dict:
     """Run the finetune stage and return fit's summary (plus ``merged`` when merging;
     ``fault``: tests only, see fit)."""
-    from qgate.training import ADAPTER_DIR, MERGED_DIR, fit, merge_adapter
+    from qgate.lora import ADAPTER_DIR, MERGED_DIR, merge_adapter
+    from qgate.training import fit
 
     cfg, rows = prepare(cfg)
     cluster.init(log_to_driver=True)  # after the checks: bad inputs fail before Ray starts

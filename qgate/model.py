@@ -276,24 +276,15 @@ def check_base(path: str) -> str:
 
 def load_base(path: str, device="cpu", dtype: torch.dtype | None = None):
     """Load a HF causal LM and its tokenizer from a local directory, offline."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"base model directory not found: {path}")
-    config = AutoConfig.from_pretrained(path)
-    if not any(a.endswith("ForCausalLM") for a in (config.architectures or [])):
-        raise UnsupportedModelError(
-            f"{path} holds a {config.model_type!r} model ({config.architectures}), "
-            "not a decoder causal LM"
-        )
+    from qgate.chat import load_tokenizer
     from qgate.hardware import resolve_dtype
 
+    causal_lm_config(path)  # clear errors for a missing or non-causal-LM directory
     dtype = dtype or resolve_dtype("auto", device)  # the one precision rule
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return model, load_tokenizer(path)
 
 
 def load_gated_model(

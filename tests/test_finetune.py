@@ -111,7 +111,7 @@ def test_lora_run_trains_only_lora_and_adapter_reloads_exactly(killed_run, tiny_
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qgate.training import lora_config
+    from qgate.lora import lora_config
 
     summary, cfg, digest = killed_run
     adapter = os.path.join(cfg.out_dir, "adapter")
