@@ -32,18 +32,23 @@ def track(run_dir: str | None, stage: str):
         yield {}
         return
     path = os.path.join(run_dir, LEDGER_DIR, f"{stage}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     t0 = time.time()
     entry = {"stage": stage, "state": RUNNING, "started": _now(), "pid": os.getpid()}
-    write_json(path, entry)
+
+    def record(e: dict) -> None:  # never creates the run dir: a refused run leaves no trace
+        if os.path.isdir(run_dir):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_json(path, e)
+
+    record(entry)
     extra: dict = {}
     try:
         yield extra
     except BaseException as e:
         line = traceback.format_exception_only(type(e), e)[-1].strip()
-        write_json(path, entry | {"state": FAILED, "error": line, "wall_s": time.time() - t0})
+        record(entry | {"state": FAILED, "error": line, "wall_s": round(time.time() - t0, 1)})
         raise
-    write_json(path, entry | {"state": DONE, "wall_s": round(time.time() - t0, 1), **extra})
+    record(entry | {"state": DONE, "wall_s": round(time.time() - t0, 1), **extra})
 
 
 def _now() -> str:
