@@ -666,12 +666,9 @@ def _coerce(value, tp, key: str):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in (a for a in args if a is not type(None)):
-            try:
+            with contextlib.suppress(ConfigError):
                 return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         _check(

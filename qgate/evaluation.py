@@ -202,11 +202,10 @@ def resolve_model(cfg: EvaluateConfig) -> tuple[str, str | None]:
 
 
 def _device(name: str) -> str:
-    import torch
+    """lm-eval's device string for a config value (qgate.hardware's one 'auto' rule)."""
+    from qgate.hardware import resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    return str(resolve_device(name))
 
 
 def cli_command(model_args: dict, cfg: EvaluateConfig, device: str, include: list[str]) -> str:
