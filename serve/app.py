@@ -22,288 +22,35 @@ Nothing is loaded at import: ``app`` below is only a bound graph with the defaul
 """
 
 import asyncio
-import hmac
 import json
 import logging
 import os
 import time
-import uuid
 from collections.abc import Callable
-from typing import Any, Literal
 
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
-from ray.exceptions import TaskCancelledError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qgate.config import ConfigError, ServeConfig, apply_overrides, stage_dir
 from qgate.config import build as build_config
 from qgate.data import INVALID_UTF8, TOKENIZATION_ERROR, Reject, validate
 from qgate.serving import resolve_artifacts
+from serve.gateway import APIError, Guard, api
+from serve.schemas import (
+    ERROR_RESPONSES,
+    RowError,
+    SampleDecision,
+    SampleScore,
+    ScoreRequest,
+    ScoreResponse,
+    SelectResponse,
+)
 
 log = logging.getLogger("qgate.serve")
 
 API_SOURCE = "api"
 """Source name of request samples that do not carry their own ``source``."""
-OPEN_PATHS = ("/healthz",)
-"""The only routes served without the API key."""
 JSON_ESCAPE_FACTOR = 6
 """Worst-case bytes per character of a JSON string ('\\u0000'): bounds the body size."""
-
-# ----------------------------------------------------------------------------- API models
-
-Extra = Literal["embedding", "gate_mean", "ifd", "n_loss_tokens"]
-
-_EXAMPLES = [
-    {
-        "samples": [
-            {
-                "id": "ex-1",
-                "messages": [
-                    {"role": "user", "content": "Reverse the word: gate"},
-                    {"role": "assistant", "content": "etag"},
-                ],
-            },
-            {"instruction": "Uppercase: ray", "input": "", "output": "RAY"},
-            {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]},
-        ],
-        "return": ["ifd"],
-    }
-]
-
-
-class ScoreRequest(BaseModel):
-    """Samples to score, each in any accepted row shape: messages, ShareGPT or Alpaca."""
-
-    model_config = ConfigDict(
-        extra="forbid", populate_by_name=True, json_schema_extra={"examples": _EXAMPLES}
-    )
-
-    samples: list[dict[str, Any]] = Field(
-        min_length=1,
-        description="Rows as in a corpus file ({messages}, {conversations} or "
-        "{instruction, input, output}; optional id and source). At most max_samples "
-        "(GET /v1/info) per request, else 413; a sample over max_chars characters "
-        "(serialized as JSON) gives 422.",
-    )
-    return_: list[Extra] = Field(
-        default_factory=list,
-        alias="return",
-        description="Extra per-sample fields to return.",
-    )
-    commit: bool = Field(
-        False,
-        description="/v1/select only: append the selected samples to the selection log "
-        "(idempotent by sample_id; copies of pool or logged samples are refused).",
-    )
-
-
-class RowError(BaseModel):
-    """Why one sample was not scored (the batch job's reject reasons)."""
-
-    reason: str = Field(description="e.g. missing_assistant, unknown_shape, ...")
-    detail: str
-
-
-class SampleScore(BaseModel):
-    """One sample's scores, as the batch job's parquet row has them; or its error."""
-
-    index: int = Field(description="Position of the sample in the request.")
-    sample_id: str | None = Field(None, description="Given id, else a content hash.")
-    source: str | None = None
-    n_tokens: int | None = None
-    truncated: bool | None = None
-    nll: float | None = Field(None, description="Mean nll over the scored tokens.")
-    gate: list[float] | None = Field(None, description="Per layer ppl-weighted gate s_l.")
-    q: float | None = Field(None, description="Quality score against the loaded reference.")
-    gate_mean: list[float] | None = None
-    embedding: list[float] | None = None
-    ifd: float | None = None
-    n_loss_tokens: int | None = None
-    error: RowError | None = None
-
-
-class SampleDecision(SampleScore):
-    """A sample's scores plus the decision the last selection would have made for it."""
-
-    score: float | None = Field(None, description="The selection method's score.")
-    cluster: int | None = Field(None, description="Nearest diversity cluster (null: none).")
-    selected: bool | None = Field(None, description="score >= the cluster's cutoff.")
-    margin: float | None = Field(None, description="score - cutoff; negative: not selected.")
-    commit_status: str | None = Field(
-        None,
-        description="With commit: committed, already_committed, duplicate_text, "
-        "near_duplicate, budget_exhausted or not_selected.",
-    )
-    kept_id: str | None = Field(
-        None, description="The pool or logged sample this one copies (duplicate statuses)."
-    )
-
-
-class ScoreResponse(BaseModel):
-    results: list[SampleScore]
-    n_scored: int
-    n_errors: int
-
-
-class SelectResponse(BaseModel):
-    results: list[SampleDecision]
-    n_scored: int
-    n_errors: int
-    n_selected: int
-    n_committed: int | None = None
-    method: str
-
-
-class ErrorBody(BaseModel):
-    """Every non-2xx reply: a stable code and a message for people."""
-
-    error: str
-    message: str
-    detail: list[dict[str, Any]] | None = None
-
-
-_ERRORS = {
-    code: {"model": ErrorBody, "description": desc}
-    for code, desc in {
-        400: "Malformed JSON",
-        401: "Missing or wrong API key",
-        413: "Too many samples, or body too large",
-        422: "Invalid body, empty samples list or an over-long sample",
-        409: "No reference loaded (score_only)",
-        500: "Unexpected server error (no details are exposed)",
-    }.items()
-}
-
-
-# ----------------------------------------------------------------------------- errors
-
-
-def _error(status: int, code: str, message: str, detail=None, headers=None) -> JSONResponse:
-    body = {"error": code, "message": message}
-    if detail is not None:
-        body["detail"] = detail
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-class APIError(HTTPException):
-    """An HTTP error with a stable code (``error``) and a message."""
-
-    def __init__(self, status: int, code: str, message: str, headers=None):
-        super().__init__(status_code=status, detail=message, headers=headers)
-        self.code = code
-
-
-class GuardMiddleware:
-    """Pure ASGI guard around the whole app: API key, body size, and a JSON 500 for anything
-    unexpected (logged with its trace on the server, never sent to the client)."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = False
-
-        async def send_tracked(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            guard = _guard_state()
-            refusal = guard.check(scope)
-            if refusal is not None:
-                return await refusal(scope, receive, send)
-            await self.app(scope, receive, send_tracked)
-        except TaskCancelledError:  # the client went away and Serve cancelled the request
-            log.info("request cancelled on %s", scope.get("path"))
-        except Exception:
-            ref = uuid.uuid4().hex[:12]
-            log.exception("unexpected error (ref %s) on %s", ref, scope.get("path"))
-            if not started:
-                msg = f"unexpected server error; the server log has the details (ref {ref})"
-                await _error(500, "internal_error", msg)(scope, receive, send)
-
-
-class _Guard:
-    """What GuardMiddleware checks; lives on the ingress replica."""
-
-    def __init__(self, key: str | None, max_body: int):
-        self.key = key.encode() if key else None
-        self.max_body = max_body
-
-    def check(self, scope) -> JSONResponse | None:
-        path = scope.get("path", "")
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root) :] or "/"
-        headers = dict(scope.get("headers") or [])
-        if self.key is not None and path not in OPEN_PATHS:
-            auth = headers.get(b"authorization", b"")
-            scheme, _, given = auth.partition(b" ")
-            ok = scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.key)
-            if not ok:
-                return _error(
-                    401,
-                    "unauthorized",
-                    "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            return _error(
-                413,
-                "body_too_large",
-                f"request body of {int(length)} bytes exceeds {self.max_body} bytes"
-                " (max_samples x max_chars)",
-            )
-        return None
-
-
-def _guard_state() -> _Guard:
-    """The guard of the ingress replica this request runs in."""
-    return serve.get_replica_context().servable_object.guard
-
-
-api = FastAPI(
-    title="qgate scoring endpoint",
-    version="1",
-    description="Score instruction-tuning samples with the gated model exactly as the batch "
-    "scoring job does, and get the decision the last selection would make for them. Every "
-    "route except /healthz needs 'Authorization: Bearer <key>' when an API key is configured.",
-)
-api.add_middleware(GuardMiddleware)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException):
-    code = getattr(exc, "code", None) or {404: "not_found", 405: "method_not_allowed"}.get(
-        exc.status_code, "http_error"
-    )
-    return _error(exc.status_code, code, str(exc.detail), headers=exc.headers)
-
-
-@api.exception_handler(RequestValidationError)
-async def _invalid_request(request: Request, exc: RequestValidationError):
-    errors = [
-        {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": e["type"]}
-        for e in exc.errors()[:20]
-    ]
-    if any(e["type"] == "json_invalid" for e in errors):
-        return _error(400, "malformed_json", "the request body is not valid JSON", errors)
-    return _error(422, "invalid_request", "; ".join(_describe(e) for e in errors[:5]), errors)
-
-
-def _describe(e: dict) -> str:
-    loc = ".".join(p for p in e["loc"] if p != "body")
-    return f"{loc or 'body'}: {e['msg']}"
-
 
 # ----------------------------------------------------------------------------- artifacts
 
@@ -509,7 +256,7 @@ class QGateAPI:
         self.model, self.cfg = model, cfg
         key = read_api_key(cfg)
         per_sample = cfg.max_chars * JSON_ESCAPE_FACTOR + 1024
-        self.guard = _Guard(key, max_body=cfg.max_samples * per_sample + 65536)
+        self.guard = Guard(key, max_body=cfg.max_samples * per_sample + 65536)
         self._method: str | None = None
         if key is None:
             log.warning(
@@ -521,7 +268,9 @@ class QGateAPI:
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
-    @api.get("/v1/info", summary="Model, gates and reference digests; limits", responses=_ERRORS)
+    @api.get(
+        "/v1/info", summary="Model, gates and reference digests; limits", responses=ERROR_RESPONSES
+    )
     async def info(self) -> dict:
         info = await self.model.info.remote()  # from the model replica that answers
         self._method = info["method"]
@@ -540,7 +289,7 @@ class QGateAPI:
         response_model=ScoreResponse,
         response_model_exclude_unset=True,
         summary="Score samples as the batch job would",
-        responses=_ERRORS,
+        responses=ERROR_RESPONSES,
     )
     async def score(self, body: ScoreRequest):
         if body.commit:
@@ -557,7 +306,7 @@ class QGateAPI:
         response_model=SelectResponse,
         response_model_exclude_unset=True,
         summary="Score samples and decide them under the reference's cutoffs",
-        responses=_ERRORS,
+        responses=ERROR_RESPONSES,
     )
     async def select(self, body: ScoreRequest):
         if self.cfg.score_only:
