@@ -606,13 +606,18 @@ def run_dedup_only(args, argv, budget: float) -> int:
             f"wall time {time.perf_counter() - t0:.0f}s; machine after: {machine()}",
         ]
     )
-    print("\n" + text, flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "dedup.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(args.out, "dedup.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    _write_outputs(args.out, "dedup", text, results)
     return 0
+
+
+def _write_outputs(out: str, name: str, text: str, obj) -> None:
+    """Print the table text and write OUT/<name>.md and OUT/<name>.json."""
+    print("\n" + text, flush=True)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(obj, f, indent=1, default=str)
 
 
 def _condition_corpus(cond: dict) -> dict:
@@ -1008,12 +1013,9 @@ def run_downstream_only(args, argv, st: Settings, budget: float) -> int:
             f"wall time {wall:.0f}s",
         ]
     )
-    print("\n" + text, flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "downstream.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(args.out, "downstream.json"), "w") as f:
-        json.dump({"command": command, "downstream": result, "wall_s": wall}, f, indent=1)
+    _write_outputs(
+        args.out, "downstream", text, {"command": command, "downstream": result, "wall_s": wall}
+    )
     return 0
 
 

@@ -1,14 +1,6 @@
-"""Stage 3: LoRA-finetune a target model on the selection, on Ray Train (the warmup loop).
+"""Stage 3: LoRA-finetune a target model on the selection (qgate.finetune), on Ray Train.
 
 python -m jobs.finetune --config jobs/configs/finetune.yaml [key=value ...]
-
-Reads RUN/selection/selected.jsonl (or ``data``), refuses bad rows and empty selections
-before Ray starts, trains PEFT LoRA adapters with the shared loop of qgate.training, and
-writes RUN/finetune/adapter/ (adapter_config.json + adapter_model.safetensors, loadable with
-``PeftModel.from_pretrained(base, dir)`` and ``lm_eval --model_args
-pretrained=BASE,peft=DIR``), metrics.jsonl, config.yaml, and with ``merge=true`` a merged full
-model in RUN/finetune/merged/. A re-launch with the same run name resumes from the last
-checkpoint.
 """
 
 from __future__ import annotations

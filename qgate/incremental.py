@@ -24,8 +24,7 @@ import pyarrow.parquet as pq
 
 from qgate.config import ExtendConfig, MinHash, stage_dir
 from qgate.scores import (
-    COMPARABLE_KEYS,
-    SelectionError,
+    check_comparable,
     iter_score_batches,
     list_matrix,
     read_manifest,
@@ -58,12 +57,7 @@ def read_samples(scores_dirs: list[str], reference: dict) -> list[dict]:
     feats = reference.get("features") if reference.get("diversity") else None
     for d in scores_dirs:
         m = read_manifest(d)
-        bad = [k for k in COMPARABLE_KEYS if m.get(k) != reference.get(k)]
-        if bad:
-            raise SelectionError(
-                f"{d} was scored with other {bad} than the reference; score the new rows with"
-                " the reference's model, gates and settings"
-            )
+        check_comparable(m, reference, d, "the reference")
         parts = score_parts(d, m)
         names = set(pq.ParquetFile(parts[0]).schema_arrow.names)
         cols = ["sample_id", "source", "nll", "ifd", "n_loss_tokens", "gate"]

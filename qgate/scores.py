@@ -140,16 +140,22 @@ COMPARABLE_KEYS = ("scoring", "model_digest", "gates_digest")
 """What two scores directories must share to be ranked together."""
 
 
+def check_comparable(scores: dict, against: dict, what: str, whom: str) -> None:
+    """Raise unless a scores manifest shares the model, gates and scoring settings of
+    ``against`` (another manifest, or a reference): only then do their scores compare."""
+    bad = [k for k in COMPARABLE_KEYS if scores.get(k) != against.get(k)]
+    if bad:
+        raise SelectionError(
+            f"{what} was scored with other {bad} than {whom}; score it with the same model,"
+            " gates and scoring settings"
+        )
+
+
 def merge_manifest(manifest: dict, scores_dir: str) -> tuple[dict, list[str]]:
     """Add another scores directory to a selection: (the summed manifest, its part files).
     Raises when its model, gates or scoring settings differ."""
     other = read_manifest(scores_dir)
-    bad = [k for k in COMPARABLE_KEYS if other.get(k) != manifest.get(k)]
-    if bad:
-        raise SelectionError(
-            f"{scores_dir} was scored with other {bad} than the first scores directory; their"
-            " scores cannot be ranked together"
-        )
+    check_comparable(other, manifest, f"{scores_dir}", "the first scores directory")
     merged = dict(manifest)
     for k in ("rows_in", "scored", "rejected"):
         merged[k] = manifest[k] + other[k]
