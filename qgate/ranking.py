@@ -106,20 +106,29 @@ def quality_scores(S, stats: ColumnStats, tau: float = 0.0, eps: float = 1e-8) -
 # ----------------------------------------------------------------------------- signals, methods
 
 
-def signal_values(name: str, cols: dict) -> np.ndarray:
-    """One signal as float64 where higher is better; NaN where the sample lacks it.
+SIGNAL_COLUMNS = {
+    "gate": ("q", 1.0),
+    "perplexity": ("nll", -1.0),
+    "ifd": ("ifd", -1.0),  # lower IFD is better
+    "length": ("n_loss_tokens", 1.0),
+}
+"""Each signal: the column it reads and its sign, so that higher is always better."""
+SINGLE_SIGNAL_METHODS = {
+    "quality_gate": "gate",
+    "perplexity": "perplexity",
+    "ifd": "ifd",
+    "length": "length",
+}
+"""The methods that rank by one signal."""
 
-    gate -> q, perplexity -> -nll, ifd -> -ifd (lower IFD is better), length -> n_loss_tokens.
-    """
-    if name == "gate":
-        return np.asarray(cols["q"], dtype=np.float64)
-    if name == "perplexity":
-        return -np.asarray(cols["nll"], dtype=np.float64)
-    if name == "ifd":
-        return -np.asarray(cols["ifd"], dtype=np.float64)
-    if name == "length":
-        return np.asarray(cols["n_loss_tokens"], dtype=np.float64)
-    raise SelectionError(f"unknown signal {name!r}; choose from {SIGNALS}")
+
+def signal_values(name: str, cols: dict) -> np.ndarray:
+    """One signal as float64 where higher is better (SIGNAL_COLUMNS); NaN where the sample
+    lacks it."""
+    if name not in SIGNAL_COLUMNS:
+        raise SelectionError(f"unknown signal {name!r}; choose from {SIGNALS}")
+    column, sign = SIGNAL_COLUMNS[name]
+    return sign * np.asarray(cols[column], dtype=np.float64)
 
 
 def quantile_table(values: np.ndarray, name: str = "signal") -> list[float]:
@@ -206,27 +215,20 @@ def method_scores(cols: dict, reference: dict) -> tuple[np.ndarray, dict[str, np
     """
     method = reference["method"]
     pct: dict[str, np.ndarray] = {}
-    if method == "quality_gate":
-        score = signal_values("gate", cols)
-    elif method == "perplexity":
-        score = signal_values("perplexity", cols)
-        band = reference.get("ppl_band")
+    if method in SINGLE_SIGNAL_METHODS:
+        score = signal_values(SINGLE_SIGNAL_METHODS[method], cols)
+        band = reference.get("ppl_band") if method == "perplexity" else None
         if band:
             nll = np.asarray(cols["nll"], dtype=np.float64)
             score = np.where((nll >= band["nll_lo"]) & (nll <= band["nll_hi"]), score, np.nan)
-    elif method in ("ifd", "length"):
-        score = signal_values(method, cols)
     elif method == "random":
         score = hash_uniform(cols["sample_id"], reference["seed"])
     elif method in COMBINED_METHODS:
         for s in reference["signals"]:
             pct[s] = signal_percentiles(s, cols, reference)
-        parts = [pct[s] for s in reference["signals"]]
-        score = parts[0].copy()
-        for part in parts[1:]:  # NaN (a missing signal) propagates: not a candidate
-            score = np.minimum(score, part) if method == "worst_rank" else score + part
-        if method == "rank_mean":
-            score = score / len(parts)
+        parts = np.stack([pct[s] for s in reference["signals"]])
+        # NaN (a missing signal) propagates: not a candidate
+        score = parts.min(axis=0) if method == "worst_rank" else parts.mean(axis=0)
     else:
         raise SelectionError(f"unknown method {method!r}")
     return score, pct
@@ -236,6 +238,4 @@ def method_signals(method: str, signals: Sequence[str]) -> list[str]:
     """The signals a method reads."""
     if method in COMBINED_METHODS:
         return list(signals)
-    return {"quality_gate": ["gate"], "perplexity": ["perplexity"], "ifd": ["ifd"]}.get(
-        method, ["length"] if method == "length" else []
-    )
+    return [SINGLE_SIGNAL_METHODS[method]] if method in SINGLE_SIGNAL_METHODS else []

@@ -42,6 +42,7 @@ from qgate.clustering import assign_clusters, choose_k, fit_centroids, normalize
 from qgate.config import SelectConfig, stage_dir, to_dict
 from qgate.ranking import (
     COMBINED_METHODS,
+    SIGNAL_COLUMNS,
     ColumnStats,
     StatsAccumulator,
     method_scores,
@@ -475,7 +476,7 @@ def _sample_columns(samples: Sequence[dict], reference: dict) -> dict:
     method = reference["method"]
     needs = set()
     for s in method_signals(method, reference.get("signals") or []):
-        needs.add({"gate": "gate", "perplexity": "nll", "ifd": "ifd", "length": "n_loss_tokens"}[s])
+        needs.add("gate" if s == "gate" else SIGNAL_COLUMNS[s][0])  # the gate vector makes q
     if method == "random":
         needs.add("sample_id")
     if reference.get("diversity"):
