@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import unicodedata
 from collections.abc import Iterable, Iterator
 
@@ -304,11 +303,11 @@ def read_corpus(paths: str | Iterable[str]) -> tuple[list[dict], list[Reject]]:
 
 def write_jsonl(path: str, rows: Iterable[dict]) -> int:
     """Write rows as JSONL atomically (temp file + rename); returns the row count."""
-    tmp = f"{path}.tmp"
+    from qgate.atomic import atomic_path
+
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
-    os.replace(tmp, path)
     return n

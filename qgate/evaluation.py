@@ -333,11 +333,11 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if cfg.log_samples:
         for name, samples in (out.get("samples") or {}).items():
             _write_samples(os.path.join(out_dir, f"samples_{name}.jsonl"), samples)
-    tmp = os.path.join(out_dir, f"{RESULTS_FILE}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, os.path.join(out_dir, RESULTS_FILE))
+    from qgate.atomic import write_text
+
+    write_text(
+        os.path.join(out_dir, RESULTS_FILE), json.dumps(results, indent=2, default=str) + "\n"
+    )
     return results
 
 

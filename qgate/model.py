@@ -202,8 +202,9 @@ def save_gates(model: nn.Module, out_dir: str, meta: GateMeta) -> str:
     os.makedirs(out_dir, exist_ok=True)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in gate_parameters(model).items()}
     save_file(tensors, os.path.join(out_dir, GATES_FILE))
-    with open(os.path.join(out_dir, META_FILE), "w") as f:
-        json.dump(asdict(meta), f, indent=2, sort_keys=True)
+    from qgate.atomic import write_text
+
+    write_text(os.path.join(out_dir, META_FILE), json.dumps(asdict(meta), indent=2, sort_keys=True))
     return out_dir
 
 

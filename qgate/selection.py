@@ -582,8 +582,10 @@ def _json_bytes(obj) -> bytes:
 
 
 def write_reference(path: str, reference: dict) -> None:
-    with open(path, "wb") as f:
-        f.write(_json_bytes(reference))
+    """Write reference.json, atomically."""
+    from qgate.atomic import write_text
+
+    write_text(path, _json_bytes(reference).decode("utf-8"))
 
 
 def load_reference(path: str) -> dict:
