@@ -32,6 +32,8 @@ SIZES = {
     # pool rows, warmup steps, finetune steps, test docs, stand-in epochs
     "default": {"n_pool": 3000, "warmup_steps": 60, "ft_steps": 120, "n_test": 100, "epochs": 3},
     "small": {"n_pool": 240, "warmup_steps": 6, "ft_steps": 6, "n_test": 12, "epochs": 1},
+    # --model: a real 135M LM on 2 CPU cores (about 15 min)
+    "real": {"n_pool": 1000, "warmup_steps": 60, "ft_steps": 40, "n_test": 100, "epochs": 0},
 }
 CPU = {"resources_per_worker": {"CPU": 0.5}}
 
@@ -51,8 +53,36 @@ class _Header:
         print(f"\n=== [{time.time() - self.t0:6.1f}s] {self.n}/{STAGES} {name} ===", flush=True)
 
 
-def run_demo(run_dir: str, size: dict, seed: int = 0) -> dict:
-    """Run every stage under run_dir and return the summary (also written as JSON)."""
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def _shipped(cls, name: str, **values):
+    """A shipped config (jobs/configs/<name>.yaml) with ``values`` set: the recommended
+    pipeline for a real base."""
+    from qgate.config import read_yaml
+
+    return build(cls, {**read_yaml(os.path.join(CONFIGS, f"{name}.yaml")), **values})
+
+
+def real_base(model: str, run_dir: str) -> str:
+    """The HF directory of ``--model``: a model directory as it is, or a GGUF file / model
+    package name (smollm2, gemma3-270m) imported once into RUN/base_<name>."""
+    if os.path.isfile(os.path.join(model, "config.json")):
+        return os.path.abspath(model)
+    from qgate.checkpoints import import_gguf
+
+    out = os.path.join(run_dir, "base_" + os.path.basename(model).removesuffix(".gguf"))
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        import_gguf(model, out)
+    return out
+
+
+def run_demo(run_dir: str, size: dict, seed: int = 0, model: str | None = None) -> dict:
+    """Run every stage under run_dir and return the summary (also written as JSON).
+
+    ``model`` (a HF directory, a GGUF file or a model package name) replaces the tiny
+    stand-in: the same pipeline on a real pretrained LM, as base and finetune target.
+    """
     from jobs.common import init_ray
     from qgate import finetune as ft_job
     from qgate import warmup as warmup_job
@@ -84,34 +114,56 @@ def run_demo(run_dir: str, size: dict, seed: int = 0) -> dict:
         flush=True,
     )
 
-    _stage("tiny stand-in base model")
+    _stage("real base model" if model else "tiny stand-in base model")
     t = time.time()
-    base = os.path.join(run_dir, "base")
-    if not os.path.isfile(os.path.join(base, "config.json")):
-        build_stand_in(
-            base, data["pretrain"], epochs=size["epochs"], hidden_size=64, num_layers=2, seed=seed
-        )
+    if model:
+        base = real_base(model, run_dir)
+    else:
+        base = os.path.join(run_dir, "base")
+        if not os.path.isfile(os.path.join(base, "config.json")):
+            build_stand_in(
+                base,
+                data["pretrain"],
+                epochs=size["epochs"],
+                hidden_size=64,
+                num_layers=2,
+                seed=seed,
+            )
     times["base"] = time.time() - t
-    print(f"[demo] base: tiny stand-in Qwen3 -> {base}", flush=True)
+    print(
+        f"[demo] base: {'imported ' + model if model else 'tiny stand-in Qwen3'} -> {base}",
+        flush=True,
+    )
 
     init_ray()
     common = {"run_dir": run_dir, "seed": seed}
-    _stage("warmup (Ray Train, 2 workers)")
+    steps = {"max_steps": size["warmup_steps"], "checkpoint_every": size["warmup_steps"]}
+    _stage("warmup (Ray Train)")
     t = time.time()
-    warm = build(
-        WarmupConfig,
-        {
+    if model:  # a real base: the shipped, recommended configs (contrast gate)
+        warm = _shipped(
+            WarmupConfig,
+            "warmup",
             **common,
-            "base_model": base,
-            "corpus": [data["pool"]],
-            "max_steps": size["warmup_steps"],
-            "batch_size": 16,
-            "max_length": 256,
-            "report_every": 10,
-            "checkpoint_every": size["warmup_steps"],
-            "scaling": CPU,
-        },
-    )
+            base_model=base,
+            corpus=[data["pool"]],
+            report_every=10,
+            **steps,
+        )
+    else:
+        warm = build(
+            WarmupConfig,
+            {
+                **common,
+                "base_model": base,
+                "corpus": [data["pool"]],
+                "batch_size": 16,
+                "max_length": 256,
+                "report_every": 10,
+                "scaling": CPU,
+                **steps,
+            },
+        )
     with track(run_dir, "warmup"):
         w = warmup_job.run(warm)
     times["warmup"] = time.time() - t
@@ -123,21 +175,16 @@ def run_demo(run_dir: str, size: dict, seed: int = 0) -> dict:
 
     _stage("score (Ray Data actor pool)")
     t = time.time()
-    with track(run_dir, "score"):
-        manifest = run_scoring(
-            build(
-                ScoreConfig,
-                {
-                    "run_dir": run_dir,
-                    "base_model": base,
-                    "gates": os.path.join(run_dir, "warmup"),
-                    "corpus": [data["pool"]],
-                    "max_length": 256,
-                    "batch_tokens": 8192,
-                    "rows_per_shard": 1000,
-                },
-            )
+    paths = {"run_dir": run_dir, "base_model": base, "corpus": [data["pool"]]}
+    paths["gates"] = os.path.join(run_dir, "warmup")
+    if model:
+        score_cfg = _shipped(ScoreConfig, "score", **paths)
+    else:
+        score_cfg = build(
+            ScoreConfig, {**paths, "max_length": 256, "batch_tokens": 8192, "rows_per_shard": 1000}
         )
+    with track(run_dir, "score"):
+        manifest = run_scoring(score_cfg)
     times["score"] = time.time() - t
     print(
         f"[demo] score: {manifest['scored']} of {manifest['rows_in']} rows scored, "
@@ -159,8 +206,13 @@ def run_demo(run_dir: str, size: dict, seed: int = 0) -> dict:
         }
         if method:
             scfg["method"] = method
+        select_cfg = (
+            _shipped(SelectConfig, "select", **scfg)
+            if model and not method
+            else build(SelectConfig, scfg)
+        )
         with track(run_dir, "select" if arm == "selected" else "select_random"):
-            arms[arm] = {"selection": run_selection(build(SelectConfig, scfg)), "dir": sel_dir}
+            arms[arm] = {"selection": run_selection(select_cfg), "dir": sel_dir}
     times["select"] = time.time() - t
     print(
         f"[demo] select: {arms['selected']['selection']['selected']} rows by "
@@ -181,7 +233,7 @@ def run_demo(run_dir: str, size: dict, seed: int = 0) -> dict:
                 "data": [os.path.join(info["dir"], "selected.jsonl")],
                 "output": ft_out,
                 "name": f"finetune-{arm}-{os.path.basename(run_dir)}",
-                "lr": 3e-3,
+                "lr": 1e-3 if model else 3e-3,
                 "max_steps": size["ft_steps"],
                 "batch_size": 8,
                 "max_length": 256,
@@ -192,7 +244,9 @@ def run_demo(run_dir: str, size: dict, seed: int = 0) -> dict:
                     "r": 16,
                     "alpha": 32.0,
                     "dropout": 0.0,
-                    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                    "target_modules": (
+                        ["all-linear"] if model else ["q_proj", "k_proj", "v_proj", "o_proj"]
+                    ),
                 },
             },
         )
@@ -289,9 +343,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup-steps", type=int)
     ap.add_argument("--ft-steps", type=int)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--model",
+        help="a real pretrained LM instead of the stand-in: a HF directory, a .gguf file, or a"
+        " model package name (smollm2; needs `make install-dev`)",
+    )
     ap.add_argument("--verbose", action="store_true", help="show Ray's and the libraries' logs")
     a = ap.parse_args(argv)
-    size = dict(SIZES["small" if a.small else "default"])
+    size = dict(SIZES["small" if a.small else "real" if a.model else "default"])
     for key in ("n_pool", "warmup_steps", "ft_steps"):
         if getattr(a, key) is not None:
             size[key] = getattr(a, key)
@@ -299,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
 
     verbose = a.verbose or verbose_requested()
     with quiet(a.run_dir, "demo", verbose=verbose) as log:
-        s = run_demo(a.run_dir, size, seed=a.seed)
+        s = run_demo(a.run_dir, size, seed=a.seed, model=a.model)
     if not verbose:  # the table, last, on a quiet terminal
         print("\n" + format_table(s))
         print(
