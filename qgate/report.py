@@ -241,10 +241,18 @@ def example_ids(table: pa.Table, reference: dict, per_group: int = EXAMPLES_PER_
         idx = idx[np.argsort(-score[idx], kind="stable")]
         label = f"cluster {name}" if by_cluster else str(name)
         groups.append((label, ids[idx[:per_group]].tolist(), ids[idx[-per_group:][::-1]].tolist()))
-    chosen = np.flatnonzero(sel & ok)
-    dropped = np.flatnonzero(~sel & ok)
-    above = chosen[np.argsort(score[chosen], kind="stable")][:per_group]
-    below = dropped[np.argsort(-score[dropped], kind="stable")][:per_group]
+    # the margin to the sample's own cutoff (its cluster's with diversity, else the global one)
+    cut = reference["cutoffs"]
+    if by_cluster and cut.get("per_cluster"):
+        per = np.asarray([np.nan if c is None else c for c in cut["per_cluster"]], dtype=float)
+        cutoff = per[np.asarray(group, dtype=np.int64)]
+    else:
+        cutoff = np.full(score.size, np.nan if cut["global"] is None else cut["global"])
+    margin = score - cutoff
+    chosen = np.flatnonzero(sel & ok & np.isfinite(margin))
+    dropped = np.flatnonzero(~sel & ok & np.isfinite(margin))
+    above = chosen[np.argsort(margin[chosen], kind="stable")][:per_group]
+    below = dropped[np.argsort(-margin[dropped], kind="stable")][:per_group]
     return {"groups": groups, "above": ids[above].tolist(), "below": ids[below].tolist()}
 
 
@@ -353,7 +361,8 @@ def _examples_html(examples: dict, table: pa.Table, rows_by_id: dict, labels) ->
     parts = ["<h2>Samples</h2>"]
     rows, head = _sample_rows(examples["above"], table, rows_by_id, labels, "just above")
     more, _ = _sample_rows(examples["below"], table, rows_by_id, labels, "just below")
-    parts += ["<h3>Around the cutoff</h3>", _table(rows + more, head)]
+    note = "the samples with the smallest margin to the cutoff (per cluster with diversity)"
+    parts += ["<h3>Around the cutoff</h3>", f"<p>{note}</p>", _table(rows + more, head)]
     for name, top, bottom in examples["groups"]:
         rows, head = _sample_rows(top, table, rows_by_id, labels, "top")
         more, _ = _sample_rows(bottom, table, rows_by_id, labels, "bottom")
