@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from qgate import losses
 from qgate.model import forward, gated_mlps
@@ -54,12 +55,10 @@ def micro_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return groups
 
 
-def _pad(seqs: list, pad_id: int, fill: int, device) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), width), fill, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.tensor(np.asarray(s, dtype=np.int64))
-    return out.to(device)
+def _pad(seqs: list, fill: int, device) -> torch.Tensor:
+    """Right-pad int sequences with ``fill`` into one (B, T) long tensor."""
+    rows = [torch.as_tensor(np.asarray(s, dtype=np.int64)) for s in seqs]
+    return pad_sequence(rows, batch_first=True, padding_value=fill).to(device)
 
 
 HEAD_CHUNK_ELEMENTS = 1 << 25
@@ -97,9 +96,9 @@ def scored_token_nll(model, hidden: torch.Tensor, labels: torch.Tensor):
 def _forward_stats(model, input_ids, labels, pad_id, alpha, eps, want_tokens=False, pool=True):
     """One padded forward of the decoder body: per-sample nll, gate stats, pooled state."""
     device = next(model.parameters()).device
-    ids = _pad(input_ids, pad_id, pad_id, device)
-    lab = _pad(labels, pad_id, -100, device)
-    attn = _pad([[1] * len(s) for s in input_ids], pad_id, 0, device)
+    ids = _pad(input_ids, pad_id, device)
+    lab = _pad(labels, -100, device)
+    attn = _pad([[1] * len(s) for s in input_ids], 0, device)
     hidden, gates = forward(model, ids, attn, body_only=True)  # (B, T, H) final-normed
     nll, mask = scored_token_nll(model, hidden, lab)
     w = token_weights(nll, mask, alpha, eps)  # (B, T)
