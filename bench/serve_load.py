@@ -167,10 +167,24 @@ def direct(run: str, rows: list[dict], threads: int, batch: int) -> dict:
     }
 
 
-def commit_cost(url: str, rows: list[dict], n: int, k: int) -> dict:
-    """POST /v1/select at c=1 with and without ``commit`` (fresh ids, so every selected
-    sample really appends); the first commit, which loads the pool's signatures, apart."""
+def commit_cost(url: str, work: str, n: int, k: int) -> dict:
+    """POST /v1/select at c=1 with and without ``commit`` on fresh samples (a corpus of
+    another seed, so selected ones really append rather than being refused as copies of the
+    pool); the first commit, which loads the pool's signatures, apart."""
     import httpx
+
+    from qgate.synthetic import generate_corpus
+
+    fresh = generate_corpus(
+        os.path.join(work, "fresh"),
+        seed=99,
+        n_pool=2 * n * k + k,
+        n_target=2,
+        n_test=2,
+        n_pretrain=0,
+    )
+    with open(fresh["pool"]) as f:
+        rows = [json.loads(line) for line in f]
 
     def body(i: int, tag: str, commit: bool) -> dict:
         chunk = [rows[(i * k + j) % len(rows)] for j in range(k)]
@@ -300,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(line)
             print(line, flush=True)
         if name == "batched":
-            cc = commit_cost(url, rows, args.commit_requests, k)
+            cc = commit_cost(url, work, args.commit_requests, k)
     serve.shutdown()
 
     c1_rows = [rows[i % len(rows)] for i in range(min(args.requests, len(rows)))]
@@ -327,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         f" {cc['plain']['p50_ms']:.1f} ms plain, {cc['commit']['p50_ms']:.1f} ms with commit"
         f" ({cc['commit']['committed']} samples appended); +{cc['extra_ms_per_request']:.1f} ms"
         f" per request, {'n/a' if per is None else f'{per:.1f}'} ms per committed sample; first"
-        f" commit (opens the log, loads {len(rows)} pool signatures) {cc['first_commit_ms']:.0f} ms"
+        f" commit (opens the log, loads the pool's {len(rows)} signatures) {cc['first_commit_ms']:.0f} ms"
     )
     print(
         f"Serve HTTP floor: GET /healthz at c=1 p50 {floor['p50_ms']:.1f} ms"
