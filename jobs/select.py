@@ -6,7 +6,6 @@ python -m jobs.select --config jobs/configs/select.yaml [key=value ...]
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 
@@ -31,8 +30,11 @@ def print_summary(s: dict) -> None:
     print(cuts)
     if s["label_metrics"]:
         m = s["label_metrics"]
-        keys = ("auroc", "auroc_by_type", "noise_share_selected")
-        print("labels: " + json.dumps({k: m[k] for k in keys}))
+        by_type = ", ".join(f"{t} {v:.3f}" for t, v in m["auroc_by_type"].items() if v is not None)
+        print(
+            f"labels: AUROC {m['auroc']:.3f} ({by_type}); noise share of the selection"
+            f" {m['noise_share_selected']:.1%}"
+        )
     for w in s["warnings"]:
         print(f"warning: {w}")
     report = f" (report: {s['report']})" if s["report"] else ""

@@ -100,7 +100,7 @@ def _scores(d: str) -> dict | None:
             "rows": m["rows_in"],
             "wall_s": m.get("wall_s"),
             "figures": f"scored {m['scored']}; rejected {_reasons(m['rejects_by_reason'])}"
-            f"{rate}; {m.get('dtype', '')}",
+            f"{rate}" + (f"; {m['dtype']}" if m.get("dtype") else ""),
         }
     plan = _json(os.path.join(d, "_plan.json"))
     if plan:
