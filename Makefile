@@ -1,6 +1,7 @@
 # The two README commands: `make demo` and `make test`. Both set up from scratch.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
+export PIP_ROOT_USER_ACTION := ignore
 RUN ?= runs/demo
 
 .PHONY: install install-dev demo test lint

@@ -99,6 +99,15 @@ class _Router(io.TextIOBase):
         return False
 
 
+def _stop_worker_log_forwarding() -> None:
+    """Workers' last lines (Ray flushes them at shutdown) would reach the restored terminal
+    after the stage's summary: stop forwarding them once the quiet block ends. Ray has no
+    public switch for this after ``ray.init``; its print hook checks this module flag."""
+    worker = sys.modules.get("ray._private.worker")
+    if worker is not None and hasattr(worker, "_worker_logs_enabled"):
+        worker._worker_logs_enabled = False
+
+
 def log_path(run_dir: str | None, stage: str) -> str:
     """RUN/logs/<stage>.log (the system temp dir when there is no local run dir)."""
     root = run_dir if run_dir and "://" not in run_dir else os.environ.get("TMPDIR", "/tmp")
@@ -138,6 +147,7 @@ def quiet(run_dir: str | None, stage: str, expected: tuple = (), verbose: bool |
         failure = traceback.format_exception_only(type(e), e)[-1].strip()
     finally:
         router.flush()
+        _stop_worker_log_forwarding()
         sys.stdout, sys.stderr = old
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)
