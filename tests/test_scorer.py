@@ -44,9 +44,9 @@ def test_scored_token_nll_matches_full_logits(gated, corpus, monkeypatch):
     off-by-one between a token and the state that predicts it, or a chunk boundary)."""
     model, tok = gated
     encs = _encs(tok, corpus)
-    ids = scoring._pad([e["input_ids"] for e in encs], tok.pad_token_id, tok.pad_token_id, "cpu")
-    lab = scoring._pad([e["labels"] for e in encs], tok.pad_token_id, -100, "cpu")
-    attn = scoring._pad([[1] * len(e["input_ids"]) for e in encs], 0, 0, "cpu")
+    ids = scoring._pad([e["input_ids"] for e in encs], tok.pad_token_id, "cpu")
+    lab = scoring._pad([e["labels"] for e in encs], -100, "cpu")
+    attn = scoring._pad([[1] * len(e["input_ids"]) for e in encs], 0, "cpu")
     with torch.no_grad():
         out, _ = forward(model, ids, attn)
         want, mask = losses.token_nll(out.logits, lab)
