@@ -27,13 +27,13 @@ from qgate.config import ScoreConfig, stage_dir, to_dict
 from qgate.data import (
     DUPLICATE_ID,
     RowError,
-    count_rows,
     expand_paths,
     iter_raw,
     source_name,
     validate,
 )
 from qgate.minhash import exact_key, sample_text, signatures
+from qgate.readers import plan_shards
 from qgate.scores import (
     MANIFEST_FILE,
     PLAN_FILE,
@@ -50,20 +50,6 @@ class ScoringError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- planning
-
-
-def plan_shards(paths: list[str], rows_per_shard: int) -> list[dict]:
-    """Deterministic shards: (file, row range) chunks named ``<file index>-<chunk index>``."""
-    shards = []
-    for fi, path in enumerate(paths):
-        n = count_rows(path)
-        for ci, start in enumerate(range(0, max(n, 1), rows_per_shard)):
-            stop = min(start + rows_per_shard, n)
-            if stop > start:
-                shards.append(
-                    {"shard": f"{fi:05d}-{ci:06d}", "path": path, "start": start, "stop": stop}
-                )
-    return shards
 
 
 # ----------------------------------------------------------------------------- the actor

@@ -31,7 +31,7 @@ _RAY_PREFIX = re.compile(r"^(\x1b\[[0-9;]*m)*\(.*?pid=\d+[^)]*\)(\x1b\[[0-9;]*m)
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
-def verbose_requested(argv: list[str] | None = None) -> bool:
+def verbose_requested() -> bool:
     """True with QGATE_VERBOSE=1 (the entry points' ``--verbose`` sets it)."""
     return os.environ.get("QGATE_VERBOSE", "") not in ("", "0")
 

@@ -39,12 +39,10 @@ from qgate.data import (
     validate,
 )
 from qgate.minhash import band_keys, exact_key, sample_text, signatures
+from qgate.readers import plan_shards
+from qgate.scores import MANIFEST_FILE, PLAN_FILE, REJECTS_DIR, SHARDS_DIR
 
-MANIFEST_FILE = "_manifest.json"
-PLAN_FILE = "_plan.json"
-SHARDS_DIR = "_shards"
 SIGNATURES_DIR = "signatures"
-REJECTS_DIR = "rejects"
 KEPT_FILE = "kept.parquet"
 DEDUP_REJECTS_FILE = "dedup.parquet"
 
@@ -161,7 +159,7 @@ def priority(order: np.ndarray, score: np.ndarray | None) -> np.ndarray:
     """Each row's rank in the keep rule (0 = kept first): higher score first (rows without
     a score last), then input order."""
     if score is None:
-        return np.argsort(np.argsort(order, kind="stable"), kind="stable")
+        return np.asarray(order, dtype=np.int64)  # order is the input position already
     s = np.where(np.isfinite(score), score, -np.inf)
     ranked = np.lexsort((order, -s))
     prio = np.empty(order.size, dtype=np.int64)
@@ -246,12 +244,6 @@ def cluster(
 # ----------------------------------------------------------------------------- driver
 
 
-def _plan(paths: list[str], rows_per_shard: int) -> list[dict]:
-    from qgate.batch_scoring import plan_shards
-
-    return plan_shards(paths, rows_per_shard)
-
-
 def _keep_scores(path: str | None, ids: np.ndarray) -> np.ndarray | None:
     """Per row, the ``score`` of its sample_id in a selection.parquet (NaN: none)."""
     if not path:
@@ -304,7 +296,7 @@ def run_dedup(cfg: DedupConfig) -> dict:
         os.makedirs(os.path.join(out, d), exist_ok=True)
     st = cfg.minhash
     paths = expand_paths(cfg.corpus)
-    shards = _plan(paths, cfg.rows_per_shard)
+    shards = plan_shards(paths, cfg.rows_per_shard)
     plan = {"shards": shards, "minhash": st.to_dict()}
     plan_path = os.path.join(out, PLAN_FILE)
     if os.path.isfile(plan_path):

@@ -19,7 +19,6 @@ import hashlib
 import os
 from collections import Counter
 
-import numpy as np
 import pyarrow.parquet as pq
 
 from qgate.config import ExtendConfig, MinHash, stage_dir
@@ -152,13 +151,4 @@ def run_extend(cfg: ExtendConfig) -> dict:
         "pool_pass_rate": pool_rate,
         "new_pass_rate": new_rate,
         "recalibrate": reasons,
-        "committed_ids": [
-            e["id"] for e, r in zip(entries, results, strict=True) if r["status"] == COMMITTED
-        ],
-        "score_range": [
-            float(np.min([decisions[i]["score"] for i in passing])),
-            float(np.max([decisions[i]["score"] for i in passing])),
-        ]
-        if passing
-        else None,
     }

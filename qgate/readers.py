@@ -434,3 +434,17 @@ def count_rows(path: str) -> int:
     if fmt == "arrow":
         return sum(b.num_rows for b in _arrow_batches(path))
     return sum(1 for _ in _text_items(path, fmt))
+
+
+def plan_shards(paths: list[str], rows_per_shard: int) -> list[dict]:
+    """Deterministic shards: (file, row range) chunks named ``<file index>-<chunk index>``."""
+    shards = []
+    for fi, path in enumerate(paths):
+        n = count_rows(path)
+        for ci, start in enumerate(range(0, max(n, 1), rows_per_shard)):
+            stop = min(start + rows_per_shard, n)
+            if stop > start:
+                shards.append(
+                    {"shard": f"{fi:05d}-{ci:06d}", "path": path, "start": start, "stop": stop}
+                )
+    return shards

@@ -199,10 +199,10 @@ def _plots(out_dir: str, table: pa.Table, reference: dict) -> list[tuple[str, st
     cols = [(c, table.column(c).to_numpy(zero_copy_only=False).astype(float)) for c in names]
     cols = [(c, v) for c, v in cols if np.isfinite(v).sum() > 1]
     if cols:
-        fig = _figure(3.2 * len(cols), 3.0)[0]
-        fig.clear()
-        for i, (c, v) in enumerate(cols):
-            ax = fig.add_subplot(1, len(cols), i + 1)
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(3.2 * len(cols), 3.0), dpi=100)
+        for ax, (c, v) in zip(fig.subplots(1, len(cols), squeeze=False)[0], cols, strict=True):
             ok = np.isfinite(v)
             bins = np.histogram_bin_edges(v[ok], bins=40)
             ax.hist(v[ok & ~sel], bins=bins, density=True, color="#bbbbbb", label="dropped")

@@ -577,15 +577,15 @@ def join_corpus(corpus: Sequence[str], sample_ids: Sequence[str]) -> list[dict]:
     return rows
 
 
-def _json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+def _json_text(obj) -> str:
+    return json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n"
 
 
 def write_reference(path: str, reference: dict) -> None:
     """Write reference.json, atomically."""
     from qgate.atomic import write_text
 
-    write_text(path, _json_bytes(reference).decode("utf-8"))
+    write_text(path, _json_text(reference))
 
 
 def load_reference(path: str) -> dict:

@@ -36,8 +36,6 @@ COMMITTED = "committed"
 ALREADY_COMMITTED = "already_committed"
 BUDGET_EXHAUSTED = "budget_exhausted"
 NOT_SELECTED = "not_selected"
-COMMIT_STATUSES = (COMMITTED, ALREADY_COMMITTED, DUPLICATE_ID, DUPLICATE_TEXT, NEAR_DUPLICATE)
-COMMIT_STATUSES += (BUDGET_EXHAUSTED, NOT_SELECTED)
 
 
 def pool_identity(scores_dirs: Sequence[str]) -> tuple[list[str], np.ndarray, list[bytes]]:
@@ -111,7 +109,8 @@ class SelectionLog:
 
     def commit(self, entries: Iterable[dict]) -> list[dict]:
         """Append the entries that are new, not copies and within the quota; returns, per
-        entry, ``{status, kept_id, similarity}`` (status one of COMMIT_STATUSES).
+        entry, ``{status, kept_id, similarity}``: committed, already_committed, duplicate_id,
+        duplicate_text, near_duplicate or budget_exhausted.
 
         An entry is ``{id, source, messages, ...decision fields}`` plus optional
         ``text_key`` (hex) and ``minhash`` (list of ints) for the copy checks.
@@ -164,14 +163,6 @@ class SelectionLog:
         if self.max_commits is not None and len(self.committed) >= self.max_commits:
             return {"status": BUDGET_EXHAUSTED, "kept_id": None, "similarity": None}
         return {"status": COMMITTED, "kept_id": None, "similarity": None}
-
-    def entries(self) -> list[dict]:
-        """Every committed entry, in log order (re-read under the lock)."""
-        with open(f"{self.path}.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            with open(self.path, "a+b") as f:
-                self._refresh(f)
-        return list(self.committed.values())
 
 
 def read_log(path: str) -> list[dict]:

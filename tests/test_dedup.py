@@ -208,6 +208,7 @@ def test_score_stage_skips_what_dedup_removed(dup_corpus, tiny_model, ray_sessio
     dm = run_dedup(DedupConfig(corpus=[path], output=dd))
     out = str(tmp_path / "scores")
     cfg = ScoreConfig(
+        run_dir=str(tmp_path),  # no warmup gates there: fresh ones, never another run's
         base_model=tiny_model,
         corpus=[path],
         output=out,

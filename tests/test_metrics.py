@@ -12,6 +12,7 @@ def test_scoring_actors_export_rows_rejects_and_tokens(
 
     m = run_scoring(
         ScoreConfig(
+            run_dir=str(tmp_path),
             base_model=tiny_model,
             corpus=[corpus["pool"]],
             output=str(tmp_path / "scores"),
