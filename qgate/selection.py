@@ -613,7 +613,12 @@ def run_selection(cfg: SelectConfig) -> dict:
         log.info("corpus not set; using the score stage's corpus %s", corpus)
     table, ref = result.table, result.reference
     ids = table.column("sample_id").to_numpy(zero_copy_only=False)[result.order].tolist()
-    rows = join_corpus(corpus, ids)
+    examples = report_mod.example_ids(table, ref) if cfg.report else None
+    extra = (
+        [i for i in report_mod.all_example_ids(examples) if i not in set(ids)] if examples else []
+    )
+    joined = join_corpus(corpus, ids + extra)  # one corpus pass for the selection and the report
+    rows = joined[: len(ids)]
 
     local = tempfile.mkdtemp(prefix="qgate-select-") if _is_uri(out_dir) else out_dir
     os.makedirs(local, exist_ok=True)
@@ -625,15 +630,13 @@ def run_selection(cfg: SelectConfig) -> dict:
     metrics = report_mod.label_metrics(table, labels) if labels else None
     report_path = None
     if cfg.report:
-        examples = report_mod.example_ids(table, ref)
-        shown = join_corpus(corpus, report_mod.all_example_ids(examples))
         scores_dir = cfg.scores or stage_dir(cfg.run_dir, "scores")
         report_path = report_mod.write_report(
             local,
             table,
             ref,
             labels=labels,
-            rows_by_id={r["sample_id"]: r for r in shown},
+            rows_by_id={r["sample_id"]: r for r in joined},
             examples=examples,
             rejects=report_mod.reject_examples(None if _is_uri(scores_dir) else scores_dir),
         )
