@@ -614,9 +614,9 @@ def run_selection(cfg: SelectConfig) -> dict:
     table, ref = result.table, result.reference
     ids = table.column("sample_id").to_numpy(zero_copy_only=False)[result.order].tolist()
     examples = report_mod.example_ids(table, ref) if cfg.report else None
-    extra = (
-        [i for i in report_mod.all_example_ids(examples) if i not in set(ids)] if examples else []
-    )
+    chosen = set(ids)
+    shown = report_mod.all_example_ids(examples) if examples else []
+    extra = [i for i in shown if i not in chosen]
     joined = join_corpus(corpus, ids + extra)  # one corpus pass for the selection and the report
     rows = joined[: len(ids)]
 
