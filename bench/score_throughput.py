@@ -370,8 +370,11 @@ def run_loops(scorers: dict, samples, samples_ifd, a, methods: set) -> tuple[dic
         return naive
 
     run = [((m, dt), fn(m, scorers[dt])) for m in LOOP_METHODS if m in methods for dt in a.dtypes]
-    for _, f in run:  # untimed warm-up: first calls pick kernels and grow the allocator
-        f(0, min(len(samples), 16))
+    # Untimed warm-up over the whole first window: oneDNN builds a kernel per new (B, T)
+    # shape, so without it the first method to meet each shape pays for every method (with
+    # one window, (c) ran first and measured 0.74 of (d) in bf16; warm, its figure below).
+    for _, f in run:
+        f(0, min(len(samples), a.batch_rows))
         sync(a.device)
     stats = {k: [] for k, _ in run}
     secs = {k: 0.0 for k, _ in run}

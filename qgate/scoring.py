@@ -64,13 +64,26 @@ def _pad(seqs: list, fill: int, device) -> torch.Tensor:
 HEAD_CHUNK_ELEMENTS = 1 << 25
 """Logit elements computed at once by the LM head (128 MiB in fp32): caps scoring memory."""
 
+HEAD_CHUNK_ROWS_CPU = 64
+"""Scored positions per head chunk on CPU: a (64, V) block stays in cache through the fp32
+cross-entropy. Measured on SmolLM2 (V = 49,152, bf16, 2 cores): head + cross-entropy over
+4,096 positions took 0.65 s in chunks of 64 rows against 1.27 s in chunks of 682 (the
+memory cap alone), 0.98 s at 128 and 0.93 s at 32."""
+
+
+def head_chunk_rows(vocab: int, device) -> int:
+    """Rows of hidden states projected by the LM head at once: cache-sized on CPU, else
+    as many as the memory cap allows."""
+    cap = max(1, HEAD_CHUNK_ELEMENTS // vocab)
+    return min(cap, HEAD_CHUNK_ROWS_CPU) if torch.device(device).type == "cpu" else cap
+
 
 def scored_token_nll(model, hidden: torch.Tensor, labels: torch.Tensor):
     """Next-token nll (B, T) in fp32 at the scored positions (label != -100, t >= 1), else 0,
     and that mask of scored positions (B, T).
 
     Only the hidden states that predict a scored token go through the LM head: they are
-    gathered into one (N, H) matrix and projected in chunks of HEAD_CHUNK_ELEMENTS, so
+    gathered into one (N, H) matrix and projected in chunks (``head_chunk_rows``), so
     (T, V) logits never exist per row and the head weight is never copied.
     """
     mask = labels != -100
@@ -80,7 +93,7 @@ def scored_token_nll(model, hidden: torch.Tensor, labels: torch.Tensor):
     target = labels[b, t]  # (N,)
     head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma-style soft cap
-    chunk = max(1, HEAD_CHUNK_ELEMENTS // head.weight.shape[0])
+    chunk = head_chunk_rows(head.weight.shape[0], h.device)
     out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
     for s in range(0, h.shape[0], chunk):
         logits = F.linear(h[s : s + chunk], head.weight, head.bias).float()  # (C, V)
