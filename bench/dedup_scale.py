@@ -71,7 +71,8 @@ def measure(n: int, out: str) -> dict:
     """Build the corpus, dedup it, compare with the planted copies."""
     import pyarrow.parquet as pq
 
-    from qgate.config import DedupConfig, load_config
+    from qgate.config import DedupConfig
+    from qgate.config_io import load_config
     from qgate.dedup import run_dedup
 
     os.makedirs(out, exist_ok=True)

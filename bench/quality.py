@@ -517,7 +517,8 @@ def dedup_effect(cond: dict, corpus: dict, out: str, budget: float) -> dict:
     with and without the copies as candidates; noise shares overall and per kind."""
     import pyarrow.parquet as pq
 
-    from qgate.config import DedupConfig, SelectConfig, load_config
+    from qgate.config import DedupConfig, SelectConfig
+    from qgate.config_io import load_config
     from qgate.dedup import run_dedup
     from qgate.report import label_metrics, read_labels
     from qgate.selection import compute_selection

@@ -6,7 +6,7 @@
     python bench/train_throughput.py --quick --steps 3                 # smoke run, minutes
 
 Each stage runs the way its job does: ``qgate.warmup.run`` and ``qgate.finetune.run`` with a
-``WarmupConfig`` / ``FinetuneConfig`` built by ``qgate.config.build``, on Ray Train with one
+``WarmupConfig`` / ``FinetuneConfig`` built by ``qgate.config_io.build``, on Ray Train with one
 worker that gets every CPU (``--cpus``, torch threads to match), on an embedded local Ray
 (``ray.init(num_cpus=--cpus + 1)``: the extra logical CPU holds the 0.25-CPU tokenize tasks
 beside the worker). For each stage the dtypes of ``--dtypes`` run one after the other
@@ -146,7 +146,8 @@ def training_rows(a, work: str, pairs, tok) -> str:
 
 
 def stage_config(a, stage: str, dtype: str, model_dir: str, data: str, run_dir: str):
-    from qgate.config import FinetuneConfig, WarmupConfig, build
+    from qgate.config import FinetuneConfig, WarmupConfig
+    from qgate.config_io import build
 
     common = {
         "run_dir": run_dir,

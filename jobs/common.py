@@ -6,7 +6,8 @@ import argparse
 import contextlib
 import os
 
-from qgate.config import ConfigError, load_config
+from qgate.config import ConfigError
+from qgate.config_io import load_config
 
 
 def parse(cls, argv, description: str):

@@ -19,14 +19,8 @@ import json
 import os
 import time
 
-from qgate.config import (
-    EvaluateConfig,
-    FinetuneConfig,
-    ScoreConfig,
-    SelectConfig,
-    WarmupConfig,
-    build,
-)
+from qgate.config import EvaluateConfig, FinetuneConfig, ScoreConfig, SelectConfig, WarmupConfig
+from qgate.config_io import build
 
 SIZES = {
     # pool rows, warmup steps, finetune steps, test docs, stand-in epochs
@@ -59,7 +53,7 @@ CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 def _shipped(cls, name: str, **values):
     """A shipped config (jobs/configs/<name>.yaml) with ``values`` set: the recommended
     pipeline for a real base."""
-    from qgate.config import read_yaml
+    from qgate.config_io import read_yaml
 
     return build(cls, {**read_yaml(os.path.join(CONFIGS, f"{name}.yaml")), **values})
 
@@ -84,22 +78,51 @@ def run_demo(run_dir: str, size: dict, seed: int = 0, model: str | None = None) 
     stand-in: the same pipeline on a real pretrained LM, as base and finetune target.
     """
     from jobs.common import init_ray
-    from qgate import finetune as ft_job
-    from qgate import warmup as warmup_job
-    from qgate.batch_scoring import run_scoring
-    from qgate.evaluation import evaluate
-    from qgate.selection import run_selection
-    from qgate.stand_in import build_stand_in
-    from qgate.status import track
-    from qgate.synthetic import generate_corpus
 
     t0 = time.time()
-    _stage = _Header(t0)
+    stage = _Header(t0)
     times = {}
     run_dir = os.path.abspath(run_dir)
     os.makedirs(run_dir, exist_ok=True)
 
-    _stage("synthetic corpus")
+    def timed(name: str, fn, *args):
+        t = time.time()
+        out = fn(*args)
+        times[name] = time.time() - t
+        return out
+
+    stage("synthetic corpus")
+    data = timed("data", _demo_corpus, run_dir, size, seed)
+    stage("real base model" if model else "tiny stand-in base model")
+    base = timed("base", _demo_base, run_dir, size, seed, model, data)
+    init_ray()
+    stage("warmup (Ray Train)")
+    timed("warmup", _demo_warmup, run_dir, size, seed, model, data, base)
+    stage("score (Ray Data actor pool)")
+    manifest = timed("score", _demo_score, run_dir, model, data, base)
+    stage("select: default method and random baseline at 30%")
+    arms = timed("select", _demo_select, run_dir, seed, model, data)
+    for arm, info in arms.items():
+        stage(f"LoRA finetune on the {arm} subset (Ray Train)")
+        ft_out = timed(f"finetune_{arm}", _demo_finetune, run_dir, size, seed, model, base, arm)
+        stage(f"evaluate the {arm} adapter (lm-eval, local task)")
+        info["eval"] = timed(f"eval_{arm}", _demo_evaluate, run_dir, data, base, arm, ft_out)
+
+    stage("summary")
+    summary = summarize(run_dir, manifest, arms)
+    summary["seconds"] = {k: round(v, 1) for k, v in times.items()}
+    summary["wall_s"] = round(time.time() - t0, 1)
+    with open(os.path.join(run_dir, "demo_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(format_table(summary))
+    print(f"\nreport: {summary['report']}\nall artifacts under {run_dir} ({summary['wall_s']}s)")
+    return summary
+
+
+def _demo_corpus(run_dir: str, size: dict, seed: int) -> dict:
+    """The labelled synthetic corpus (pool with 30% noise, target, test, pretrain splits)."""
+    from qgate.synthetic import generate_corpus
+
     data = generate_corpus(
         os.path.join(run_dir, "data"),
         seed=seed,
@@ -108,14 +131,17 @@ def run_demo(run_dir: str, size: dict, seed: int = 0, model: str | None = None) 
         n_test=size["n_test"],
         n_pretrain=max(1000, size["n_pool"] // 2),
     )
-    times["data"] = time.time() - t0
     print(
         f"[demo] corpus: {size['n_pool']} pool rows (30% noise), {size['n_test']} test rows",
         flush=True,
     )
+    return data
 
-    _stage("real base model" if model else "tiny stand-in base model")
-    t = time.time()
+
+def _demo_base(run_dir: str, size: dict, seed: int, model: str | None, data: dict) -> str:
+    """The base model directory: the imported real model, or the tiny stand-in built once."""
+    from qgate.stand_in import build_stand_in
+
     if model:
         base = real_base(model, run_dir)
     else:
@@ -129,52 +155,39 @@ def run_demo(run_dir: str, size: dict, seed: int = 0, model: str | None = None) 
                 num_layers=2,
                 seed=seed,
             )
-    times["base"] = time.time() - t
     print(
         f"[demo] base: {'imported ' + model if model else 'tiny stand-in Qwen3'} -> {base}",
         flush=True,
     )
+    return base
 
-    init_ray()
-    common = {"run_dir": run_dir, "seed": seed}
-    steps = {"max_steps": size["warmup_steps"], "checkpoint_every": size["warmup_steps"]}
-    _stage("warmup (Ray Train)")
-    t = time.time()
+
+def _demo_warmup(run_dir, size, seed, model, data, base) -> None:
+    """Stage 1: train the gates (the shipped config on a real base)."""
+    from qgate import warmup as warmup_job
+    from qgate.status import track
+
+    cfg = {"run_dir": run_dir, "seed": seed, "base_model": base, "corpus": [data["pool"]]}
+    cfg |= {"report_every": 10, "max_steps": size["warmup_steps"]}
+    cfg["checkpoint_every"] = size["warmup_steps"]
     if model:  # a real base: the shipped, recommended configs (contrast gate)
-        warm = _shipped(
-            WarmupConfig,
-            "warmup",
-            **common,
-            base_model=base,
-            corpus=[data["pool"]],
-            report_every=10,
-            **steps,
-        )
+        warm = _shipped(WarmupConfig, "warmup", **cfg)
     else:
-        warm = build(
-            WarmupConfig,
-            {
-                **common,
-                "base_model": base,
-                "corpus": [data["pool"]],
-                "batch_size": 16,
-                "max_length": 256,
-                "report_every": 10,
-                "scaling": CPU,
-                **steps,
-            },
-        )
+        warm = build(WarmupConfig, {**cfg, "batch_size": 16, "max_length": 256, "scaling": CPU})
     with track(run_dir, "warmup"):
         w = warmup_job.run(warm)
-    times["warmup"] = time.time() - t
     print(
         f"[demo] warmup: {w['steps']} steps, lm loss {w['last'].get('lm_loss', 0):.3g}, "
         f"quality loss {w['last'].get('quality_loss', 0):.3g}",
         flush=True,
     )
 
-    _stage("score (Ray Data actor pool)")
-    t = time.time()
+
+def _demo_score(run_dir, model, data, base) -> dict:
+    """Stage 2: score the pool with the warmed-up gates; returns the scores manifest."""
+    from qgate.batch_scoring import run_scoring
+    from qgate.status import track
+
     paths = {"run_dir": run_dir, "base_model": base, "corpus": [data["pool"]]}
     paths["gates"] = os.path.join(run_dir, "warmup")
     if model:
@@ -185,25 +198,24 @@ def run_demo(run_dir: str, size: dict, seed: int = 0, model: str | None = None) 
         )
     with track(run_dir, "score"):
         manifest = run_scoring(score_cfg)
-    times["score"] = time.time() - t
     print(
         f"[demo] score: {manifest['scored']} of {manifest['rows_in']} rows scored, "
         f"{manifest['rejected']} rejected, {manifest.get('tokens_per_s') or 0:.0f} tok/s",
         flush=True,
     )
+    return manifest
 
-    _stage("select: default method and random baseline at 30%")
-    t = time.time()
+
+def _demo_select(run_dir, seed, model, data) -> dict:
+    """Select 30% by the default method and 30% at random; returns {arm: {selection, dir}}."""
+    from qgate.selection import run_selection
+    from qgate.status import track
+
     arms = {}
     for arm, method in (("selected", None), ("random", "random")):
         sel_dir = os.path.join(run_dir, "selection" if arm == "selected" else "selection_random")
-        scfg = {
-            "run_dir": run_dir,
-            "corpus": [data["pool"]],
-            "output": sel_dir,
-            "budget_ratio": 0.3,
-            "seed": seed,
-        }
+        scfg = {"run_dir": run_dir, "corpus": [data["pool"]], "output": sel_dir}
+        scfg |= {"budget_ratio": 0.3, "seed": seed}
         if method:
             scfg["method"] = method
         select_cfg = (
@@ -213,79 +225,48 @@ def run_demo(run_dir: str, size: dict, seed: int = 0, model: str | None = None) 
         )
         with track(run_dir, "select" if arm == "selected" else "select_random"):
             arms[arm] = {"selection": run_selection(select_cfg), "dir": sel_dir}
-    times["select"] = time.time() - t
     print(
         f"[demo] select: {arms['selected']['selection']['selected']} rows by "
         f"{arms['selected']['selection']['method']}, and {arms['random']['selection']['selected']}"
         " at random",
         flush=True,
     )
+    return arms
 
-    for arm, info in arms.items():
-        _stage(f"LoRA finetune on the {arm} subset (Ray Train)")
-        t = time.time()
-        ft_out = os.path.join(run_dir, "finetune" if arm == "selected" else "finetune_random")
-        ft = build(
-            FinetuneConfig,
-            {
-                **common,
-                "target_model": base,
-                "data": [os.path.join(info["dir"], "selected.jsonl")],
-                "output": ft_out,
-                "name": f"finetune-{arm}-{os.path.basename(run_dir)}",
-                "lr": 1e-3 if model else 3e-3,
-                "max_steps": size["ft_steps"],
-                "batch_size": 8,
-                "max_length": 256,
-                "report_every": 20,
-                "checkpoint_every": size["ft_steps"],
-                "scaling": CPU,
-                "lora": {
-                    "r": 16,
-                    "alpha": 32.0,
-                    "dropout": 0.0,
-                    "target_modules": (
-                        ["all-linear"] if model else ["q_proj", "k_proj", "v_proj", "o_proj"]
-                    ),
-                },
-            },
-        )
-        suffix = "" if arm == "selected" else "_random"
-        with track(run_dir, "finetune" + suffix):
-            ft_job.run(ft)
-        times[f"finetune_{arm}"] = time.time() - t
-        print(f"[demo] finetune ({arm}): {size['ft_steps']} steps", flush=True)
 
-        _stage(f"evaluate the {arm} adapter (lm-eval, local task)")
-        t = time.time()
-        ev_out = os.path.join(run_dir, "eval" if arm == "selected" else "eval_random")
-        ev = build(
-            EvaluateConfig,
-            {
-                "run_dir": run_dir,
-                "model": base,
-                "adapter": os.path.join(ft_out, "adapter"),
-                "test_data": data["test"],
-                "output": ev_out,
-                "batch_size": 16,
-                "max_gen_toks": 32,
-            },
-        )
-        with track(run_dir, "evaluate" + suffix):
-            evaluate(ev)
-        info["eval"] = os.path.join(ev_out, "results.json")
-        times[f"eval_{arm}"] = time.time() - t
-        print(f"[demo] evaluate ({arm}): exact match {_exact_match(info['eval']):.3f}", flush=True)
+def _demo_finetune(run_dir, size, seed, model, base, arm: str) -> str:
+    """Stage 3: LoRA-finetune the base on one arm's selection; returns the output dir."""
+    from qgate import finetune as ft_job
+    from qgate.status import track
 
-    _stage("summary")
-    summary = summarize(run_dir, manifest, arms)
-    summary["seconds"] = {k: round(v, 1) for k, v in times.items()}
-    summary["wall_s"] = round(time.time() - t0, 1)
-    with open(os.path.join(run_dir, "demo_summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(format_table(summary))
-    print(f"\nreport: {summary['report']}\nall artifacts under {run_dir} ({summary['wall_s']}s)")
-    return summary
+    sel_dir = os.path.join(run_dir, "selection" if arm == "selected" else "selection_random")
+    ft_out = os.path.join(run_dir, "finetune" if arm == "selected" else "finetune_random")
+    lora = {"r": 16, "alpha": 32.0, "dropout": 0.0}
+    lora["target_modules"] = ["all-linear"] if model else ["q_proj", "k_proj", "v_proj", "o_proj"]
+    cfg = {"run_dir": run_dir, "seed": seed, "target_model": base, "output": ft_out}
+    cfg |= {"data": [os.path.join(sel_dir, "selected.jsonl")], "lora": lora, "scaling": CPU}
+    cfg |= {"name": f"finetune-{arm}-{os.path.basename(run_dir)}", "lr": 1e-3 if model else 3e-3}
+    cfg |= {"max_steps": size["ft_steps"], "batch_size": 8, "max_length": 256}
+    cfg |= {"report_every": 20, "checkpoint_every": size["ft_steps"]}
+    with track(run_dir, "finetune" + ("" if arm == "selected" else "_random")):
+        ft_job.run(build(FinetuneConfig, cfg))
+    print(f"[demo] finetune ({arm}): {size['ft_steps']} steps", flush=True)
+    return ft_out
+
+
+def _demo_evaluate(run_dir, data, base, arm: str, ft_out: str) -> str:
+    """Exact match of one arm's adapter on the test split; returns its results.json path."""
+    from qgate.evaluation import evaluate
+    from qgate.status import track
+
+    ev_out = os.path.join(run_dir, "eval" if arm == "selected" else "eval_random")
+    cfg = {"run_dir": run_dir, "model": base, "adapter": os.path.join(ft_out, "adapter")}
+    cfg |= {"test_data": data["test"], "output": ev_out, "batch_size": 16, "max_gen_toks": 32}
+    with track(run_dir, "evaluate" + ("" if arm == "selected" else "_random")):
+        evaluate(build(EvaluateConfig, cfg))
+    results = os.path.join(ev_out, "results.json")
+    print(f"[demo] evaluate ({arm}): exact match {_exact_match(results):.3f}", flush=True)
+    return results
 
 
 def _exact_match(results_path: str) -> float:

@@ -13,7 +13,8 @@ import os
 import sys
 
 from jobs.common import parse, stage_run
-from qgate.config import EvaluateConfig, write_config
+from qgate.config import EvaluateConfig
+from qgate.config_io import write_config
 from qgate.evaluation import OFFLINE_ENV
 
 

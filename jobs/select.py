@@ -10,7 +10,8 @@ import logging
 import sys
 
 from jobs.common import parse, stage_run
-from qgate.config import SelectConfig, stage_dir, write_config
+from qgate.config import SelectConfig, stage_dir
+from qgate.config_io import write_config
 from qgate.selection import run_selection
 
 

@@ -18,14 +18,8 @@ import time
 
 from jobs.common import init_ray
 from qgate import cluster
-from qgate.config import (
-    ConfigError,
-    ServeConfig,
-    apply_overrides,
-    build,
-    read_yaml,
-    resolve_paths,
-)
+from qgate.config import ConfigError, ServeConfig
+from qgate.config_io import apply_overrides, build, read_yaml, resolve_paths
 
 DEFAULT_HTTP = {"host": "127.0.0.1", "port": 8000, "request_timeout_s": 60.0}
 

@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qgate.atomic import write_json, write_parquet
-from qgate.config import ScoreConfig, stage_dir, to_dict
+from qgate.config import ScoreConfig, stage_dir
+from qgate.config_io import to_dict
 from qgate.data import (
     DUPLICATE_ID,
     RowError,
@@ -321,23 +322,10 @@ def run_scoring(cfg: ScoreConfig, fault: dict | None = None) -> dict:
     ``fault`` is for tests only: ``{exit_after: N, marker: PATH}`` makes a scoring actor
     exit once on its N-th shard; ``{stop_after_shards: N}`` stops the driver after N shards.
     """
-    from qgate.model import check_base, read_meta, resolve_base
-    from qgate.scorer import ScoringSettings, loaded_digests
+    from qgate.model import check_base
 
     check_base(cfg.base_model)
-    gates = cfg.gates or os.path.join(cfg.run_dir, "warmup")
-    if not cfg.gates and os.path.isfile(os.path.join(cfg.base_model, "qgate.json")):
-        gates = cfg.base_model  # a converted gated directory carries its own gates
-    if not os.path.isfile(os.path.join(gates, "qgate.json")):
-        if cfg.gates:
-            raise FileNotFoundError(f"gates directory has no qgate.json: {gates}")
-        print(
-            f"[score] warning: no warmup gates at {gates}; scoring with freshly initialised "
-            "gates (perplexity, IFD and embeddings are unaffected; gate scores are untrained)",
-            flush=True,
-        )
-        gates = None
-    meta = read_meta(gates) if gates else None
+    gates = _warmup_gates(cfg)
     out = cfg.output or stage_dir(cfg.run_dir, "scores")
     os.makedirs(os.path.join(out, REJECTS_DIR), exist_ok=True)
     os.makedirs(os.path.join(out, SHARDS_DIR), exist_ok=True)
@@ -347,9 +335,51 @@ def run_scoring(cfg: ScoreConfig, fault: dict | None = None) -> dict:
     paths = expand_paths(cfg.corpus)
     shards = plan_shards(paths, cfg.rows_per_shard)
     dedup, minhash = _dedup_inputs(cfg, paths)
+    settings, plan = _fixed_plan(cfg, gates, out, shards, dedup, minhash)
+    todo = _shards_to_score(out, shards, dedup)
+    expected = {s["shard"]: s["stop"] - s["start"] for s in shards}
+    print(
+        f"[score] {len(shards)} shards, {len(shards) - len(todo)} already complete, "
+        f"{len(todo)} to score in {settings.dtype} -> {out}",
+        flush=True,
+    )
+    if todo:
+        _run_pipeline(cfg, gates, todo, expected, out, settings, fault or {})
+    manifest = _manifest(cfg, gates, out, shards, expected, plan, bool(todo), t0)
+    manifest |= {"inputs": paths, "started_at": started}
+    manifest["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    write_json(os.path.join(out, MANIFEST_FILE), manifest)
+    manifest["output"] = out
+    return manifest
+
+
+def _warmup_gates(cfg: ScoreConfig) -> str | None:
+    """The gates directory to score with: cfg.gates, a gated base's own, or RUN/warmup; None
+    (with a warning) when no warmup ran, so gates stay freshly initialised."""
+    gates = cfg.gates or os.path.join(cfg.run_dir, "warmup")
+    if not cfg.gates and os.path.isfile(os.path.join(cfg.base_model, "qgate.json")):
+        gates = cfg.base_model  # a converted gated directory carries its own gates
+    if os.path.isfile(os.path.join(gates, "qgate.json")):
+        return gates
+    if cfg.gates:
+        raise FileNotFoundError(f"gates directory has no qgate.json: {gates}")
+    print(
+        f"[score] warning: no warmup gates at {gates}; scoring with freshly initialised "
+        "gates (perplexity, IFD and embeddings are unaffected; gate scores are untrained)",
+        flush=True,
+    )
+    return None
+
+
+def _fixed_plan(cfg: ScoreConfig, gates, out: str, shards, dedup, minhash):
+    """(ScoringSettings, plan): the plan (shards, digests, settings, dedup) is written once and
+    must match on every resume, so one output never mixes two corpora, models or dtypes."""
+    from qgate.model import read_meta
+    from qgate.scorer import ScoringSettings, loaded_digests
+
     settings = ScoringSettings.for_model(
         cfg.base_model,
-        meta,
+        read_meta(gates) if gates else None,
         scoring_dtype(cfg),
         max_length=cfg.max_length,
         loss_on=cfg.loss_on,
@@ -365,34 +395,35 @@ def run_scoring(cfg: ScoreConfig, fault: dict | None = None) -> dict:
     if dedup:
         plan["dedup"] = dedup["identity"]
     plan_path = os.path.join(out, PLAN_FILE)
-    if os.path.isfile(plan_path):
-        with open(plan_path) as f:
-            old = json.load(f)
-        if old != plan:
+    if not os.path.isfile(plan_path):
+        write_json(plan_path, plan)
+        return settings, plan
+    with open(plan_path) as f:
+        if json.load(f) != plan:
             raise ScoringError(
                 f"{out} holds scores from a different corpus, model, gates or scoring settings "
                 "(dtype included); use a new output path (or delete it) to score again"
             )
-    else:
-        write_json(plan_path, plan)
+    return settings, plan
 
+
+def _shards_to_score(out: str, shards: list[dict], dedup) -> list[dict]:
+    """The planned shards without a done-marker, each with the rows dedup removed from it."""
     done = {
         s[: -len(".json")] for s in os.listdir(os.path.join(out, SHARDS_DIR)) if s.endswith(".json")
     }
     todo = [dict(s) for s in shards if s["shard"] not in done]
-    for s in todo:  # the rows the dedup run removed, per shard
+    for s in todo:
         dropped = (dedup or {}).get("dropped", {}).get(s["path"], {})
         s["skip"] = json.dumps(
             {str(i): list(v) for i, v in dropped.items() if s["start"] <= i < s["stop"]}
         )
-    expected = {s["shard"]: s["stop"] - s["start"] for s in shards}
-    print(
-        f"[score] {len(shards)} shards, {len(done)} already complete, {len(todo)} to score "
-        f"in {settings.dtype} -> {out}",
-        flush=True,
-    )
-    if todo:
-        _run_pipeline(cfg, gates, todo, expected, out, settings, fault or {})
+    return todo
+
+
+def _manifest(cfg, gates, out, shards, expected, plan, scored_now: bool, t0: float) -> dict:
+    """The scores manifest, after checking that every row in is scored or rejected once."""
+    from qgate.model import resolve_base
 
     shard_ids = [s["shard"] for s in shards]
     moved = resolve_duplicates(out, shard_ids)
@@ -411,7 +442,7 @@ def run_scoring(cfg: ScoreConfig, fault: dict | None = None) -> dict:
         raise ScoringError(f"rows lost: {rows_in} rows in, {scored} scored + {rejected} rejected")
     wall = time.time() - t0
     tokens = sum(i["tokens"] for i in infos)
-    manifest = {
+    return {
         "version": SCHEMA_VERSION,
         "complete": True,
         "rows_in": rows_in,
@@ -421,21 +452,15 @@ def run_scoring(cfg: ScoreConfig, fault: dict | None = None) -> dict:
         "rejects_by_reason": _reason_counts(rejects),
         "tokens": tokens,
         "wall_s": round(wall, 3),
-        "tokens_per_s": round(tokens / wall, 1) if todo else None,
+        "tokens_per_s": round(tokens / wall, 1) if scored_now else None,
         "model": os.path.abspath(resolve_base(cfg.base_model)),
         "gates": os.path.abspath(gates) if gates else None,
         "model_digest": plan["model_digest"],
         "gates_digest": plan["gates_digest"],
-        "dtype": settings.dtype,
+        "dtype": plan["scoring"]["dtype"],
         "scoring": plan["scoring"],
         "config": to_dict(cfg),
-        "inputs": paths,
-        "started_at": started,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    write_json(os.path.join(out, MANIFEST_FILE), manifest)
-    manifest["output"] = out
-    return manifest
 
 
 def _dedup_inputs(cfg: ScoreConfig, paths: list[str]):

@@ -28,7 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qgate.atomic import write_json, write_parquet
-from qgate.config import DedupConfig, MinHash, stage_dir, to_dict
+from qgate.config import DedupConfig, MinHash, stage_dir
+from qgate.config_io import to_dict
 from qgate.data import (
     DUPLICATE_TEXT,
     NEAR_DUPLICATE,
@@ -285,11 +286,6 @@ def _read_signatures(out: str, shards: list[dict], num_perm: int) -> dict:
 
 def run_dedup(cfg: DedupConfig) -> dict:
     """Dedup the corpus into RUN/dedup (or cfg.output); resumable; returns the manifest."""
-    import ray
-    import ray.data
-
-    from qgate.watchdog import Watchdog
-
     t0 = time.time()
     out = os.path.abspath(cfg.output or stage_dir(cfg.run_dir, "dedup"))
     for d in (SIGNATURES_DIR, REJECTS_DIR, SHARDS_DIR):
@@ -314,22 +310,7 @@ def run_dedup(cfg: DedupConfig) -> dict:
         f"[dedup] {len(shards)} shards, {len(done)} already signed, {len(todo)} to sign", flush=True
     )
     if todo:
-        ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
-            _sign_batch,
-            fn_kwargs={"out": out, "settings": st.to_dict()},
-            batch_size=1,
-            num_cpus=cfg.num_cpus,
-        )
-        n_rows, seen = sum(s["stop"] - s["start"] for s in todo), set()
-        rows_done = 0
-        for row in Watchdog("dedup").watch(ds.iter_rows()):
-            info = json.loads(row["info"])
-            if info["shard"] in seen:
-                continue
-            seen.add(info["shard"])
-            rows_done += info["rows"]
-            rate = rows_done / max(time.time() - t0, 1e-9)
-            print(f"[dedup] signed {rows_done}/{n_rows} rows ({rate:.0f} rows/s)", flush=True)
+        _sign(cfg, out, todo, t0)
     t_sign = time.time() - t0
 
     arrays = _read_signatures(out, shards, st.num_perm)
@@ -340,9 +321,39 @@ def run_dedup(cfg: DedupConfig) -> dict:
         arrays["key"], arrays["sig"], priority(order, score), st, cfg.exact, cfg.near
     )
     t_cluster = time.time() - t0 - t_sign
-
     shard_path = np.asarray([s["path"] for s in shards], dtype=object)
-    path = shard_path[arrays["shard"]] if n else np.zeros(0, object)
+    arrays["path"] = shard_path[arrays["shard"]] if n else np.zeros(0, object)
+    _write_outcome(out, arrays, order, rep, code)
+    return _finish(cfg, out, shards, paths, n, int((code == 0).sum()), t0, t_sign, t_cluster)
+
+
+def _sign(cfg: DedupConfig, out: str, todo: list[dict], t0: float) -> None:
+    """Sign the shards still to do with Ray Data tasks, printing progress per shard."""
+    import ray.data
+
+    from qgate.watchdog import Watchdog
+
+    ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
+        _sign_batch,
+        fn_kwargs={"out": out, "settings": cfg.minhash.to_dict()},
+        batch_size=1,
+        num_cpus=cfg.num_cpus,
+    )
+    n_rows, seen, rows_done = sum(s["stop"] - s["start"] for s in todo), set(), 0
+    for row in Watchdog("dedup").watch(ds.iter_rows()):
+        info = json.loads(row["info"])
+        if info["shard"] in seen:  # a retried shard reports twice
+            continue
+        seen.add(info["shard"])
+        rows_done += info["rows"]
+        rate = rows_done / max(time.time() - t0, 1e-9)
+        print(f"[dedup] signed {rows_done}/{n_rows} rows ({rate:.0f} rows/s)", flush=True)
+
+
+def _write_outcome(out: str, arrays: dict, order, rep, code) -> None:
+    """kept.parquet (each cluster's representative, with its cluster size) and the dedup
+    rejects file (every other member, with the kept id, its similarity and a reason)."""
+    n = rep.shape[0]
     sizes = np.bincount(rep, minlength=n)
     kept = code == 0
     write_parquet(
@@ -350,7 +361,7 @@ def run_dedup(cfg: DedupConfig) -> dict:
             {
                 "sample_id": pa.array(arrays["sample_id"][kept], pa.string()),
                 "source": pa.array(arrays["source"][kept], pa.string()),
-                "path": pa.array(path[kept], pa.string()),
+                "path": pa.array(arrays["path"][kept], pa.string()),
                 "row_index": pa.array(arrays["row_index"][kept], pa.int64()),
                 "order": pa.array(order[kept], pa.int64()),
                 "cluster_size": pa.array(sizes[kept], pa.int32()),
@@ -372,7 +383,7 @@ def run_dedup(cfg: DedupConfig) -> dict:
             {
                 "sample_id": pa.array(arrays["sample_id"][dup], pa.string()),
                 "source": pa.array(arrays["source"][dup], pa.string()),
-                "path": pa.array(path[dup], pa.string()),
+                "path": pa.array(arrays["path"][dup], pa.string()),
                 "row_index": pa.array(arrays["row_index"][dup], pa.int64()),
                 "reason": pa.array(reasons, pa.string()),
                 "kept_id": pa.array(kept_ids, pa.string()),
@@ -383,7 +394,6 @@ def run_dedup(cfg: DedupConfig) -> dict:
         ),
         os.path.join(out, REJECTS_DIR, DEDUP_REJECTS_FILE),
     )
-    return _finish(cfg, out, shards, paths, n, int(kept.sum()), t0, t_sign, t_cluster)
 
 
 def _finish(cfg, out, shards, paths, n_signed, n_kept, t0, t_sign, t_cluster) -> dict:

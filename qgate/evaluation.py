@@ -32,7 +32,8 @@ import time
 
 import yaml
 
-from qgate.config import LOCAL_TASK, EvaluateConfig, to_dict
+from qgate.config import LOCAL_TASK, EvaluateConfig
+from qgate.config_io import to_dict
 
 log = logging.getLogger(__name__)
 
@@ -257,23 +258,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     out_dir = cfg.out_dir
     task_dir = cfg.task_dir or os.path.join(out_dir, "tasks")
     include = [os.path.abspath(p) for p in cfg.include_path]
-    test_path = None
-    if LOCAL_TASK in cfg.tasks:
-        from transformers import AutoTokenizer
-
-        test_path = cfg.test_path
-        if not os.path.isfile(test_path):
-            raise FileNotFoundError(
-                f"test data for {LOCAL_TASK} not found: {test_path} (set test_data=, e.g. the "
-                "synthetic generator's test.jsonl)"
-            )
-        write_local_task(
-            test_path,
-            AutoTokenizer.from_pretrained(model),
-            task_dir,
-            max_gen_toks=cfg.max_gen_toks,
-            chat=cfg.apply_chat_template,
-        )
+    test_path = _write_local_task(cfg, model, task_dir)
+    if test_path:
         include.insert(0, os.path.abspath(task_dir))
 
     import lm_eval
@@ -304,18 +290,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if out is None:  # only non-zero ranks of a distributed run get None
         raise RuntimeError("lm-eval returned no results")
 
-    tasks = {}
-    for name, res in out["results"].items():
-        entry = _flat_metrics(res)
-        n = out.get("n-samples", {}).get(name)
-        if n:
-            entry["n_docs"] = n.get("effective")
-            entry["n_docs_total"] = n.get("original")
-        tasks[name] = entry
     results = {
         "model": model,
         "adapter": adapter,
-        "tasks": tasks,
+        "tasks": _task_results(out),
         "limit": cfg.limit,
         "num_fewshot": cfg.num_fewshot,
         "apply_chat_template": cfg.apply_chat_template,
@@ -339,6 +317,42 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         os.path.join(out_dir, RESULTS_FILE), json.dumps(results, indent=2, default=str) + "\n"
     )
     return results
+
+
+def _write_local_task(cfg: EvaluateConfig, model: str, task_dir: str) -> str | None:
+    """Write the local exact-match task over the test split into task_dir when cfg.tasks
+    names it; returns the test file's path (None when the local task is not asked for)."""
+    if LOCAL_TASK not in cfg.tasks:
+        return None
+    from transformers import AutoTokenizer
+
+    test_path = cfg.test_path
+    if not os.path.isfile(test_path):
+        raise FileNotFoundError(
+            f"test data for {LOCAL_TASK} not found: {test_path} (set test_data=, e.g. the "
+            "synthetic generator's test.jsonl)"
+        )
+    write_local_task(
+        test_path,
+        AutoTokenizer.from_pretrained(model),
+        task_dir,
+        max_gen_toks=cfg.max_gen_toks,
+        chat=cfg.apply_chat_template,
+    )
+    return test_path
+
+
+def _task_results(out: dict) -> dict:
+    """Per task: lm-eval's metrics flattened, with the documents it evaluated."""
+    tasks = {}
+    for name, res in out["results"].items():
+        entry = _flat_metrics(res)
+        n = out.get("n-samples", {}).get(name)
+        if n:
+            entry["n_docs"] = n.get("effective")
+            entry["n_docs_total"] = n.get("original")
+        tasks[name] = entry
+    return tasks
 
 
 def _write_samples(path: str, samples: list[dict]) -> None:

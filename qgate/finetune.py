@@ -15,7 +15,8 @@ import dataclasses
 import os
 
 from qgate import cluster
-from qgate.config import FinetuneConfig, write_config
+from qgate.config import FinetuneConfig
+from qgate.config_io import write_config
 
 
 def prepare(cfg: FinetuneConfig) -> tuple[FinetuneConfig, list[dict]]:

@@ -124,10 +124,19 @@ def _plots(out_dir: str, table: pa.Table, reference: dict) -> list[tuple[str, st
     """Write the PNG plots; returns (file name, caption) pairs."""
     score = table.column("score").to_numpy(zero_copy_only=False).astype(float)
     sel = table.column("selected").to_numpy(zero_copy_only=False)
-    finite = np.isfinite(score)
-    method = reference["method"]
-    plots = []
+    made = [
+        _score_hist(out_dir, score, sel, reference),
+        _cluster_bars(out_dir, reference["counts"]),
+        _source_bars(out_dir, table, sel),
+        _nll_vs_score(out_dir, table, score, sel, reference["method"]),
+        _signal_hists(out_dir, table, sel),
+    ]
+    return [p for p in made if p]
 
+
+def _score_hist(out_dir: str, score, sel, reference: dict) -> tuple[str, str]:
+    """Histogram of the score, available vs selected, with the cutoffs."""
+    finite = np.isfinite(score)
     fig, ax = _figure()
     bins = np.histogram_bin_edges(score[finite], bins=60)
     ax.hist(score[finite], bins=bins, color="#bbbbbb", label="available")
@@ -138,7 +147,7 @@ def _plots(out_dir: str, table: pa.Table, reference: dict) -> list[tuple[str, st
             ax.axvline(c, color="#ff7f0e", lw=0.6, alpha=0.5)
     if cut["global"] is not None:
         ax.axvline(cut["global"], color="#d62728", lw=1.5, label="cutoff (lowest selected)")
-    ax.set_xlabel(f"score ({method})")
+    ax.set_xlabel(f"score ({reference['method']})")
     ax.set_ylabel("samples")
     ax.legend()
     fig.tight_layout()
@@ -146,23 +155,29 @@ def _plots(out_dir: str, table: pa.Table, reference: dict) -> list[tuple[str, st
     caption = "Score histogram; red: the global cutoff"
     if cut["per_cluster"]:
         caption += ", orange: per-cluster cutoffs"
-    plots.append(("score_hist.png", caption + "."))
+    return "score_hist.png", caption + "."
 
-    counts = reference["counts"]
-    if counts.get("per_cluster_available"):
-        avail = np.asarray(counts["per_cluster_available"])
-        taken = np.asarray(counts["per_cluster_selected"])
-        fig, ax = _figure(max(6.4, 0.25 * avail.size), 4.0)
-        x = np.arange(avail.size)
-        ax.bar(x, avail, color="#bbbbbb", label="available")
-        ax.bar(x, taken, color="#1f77b4", label="selected")
-        ax.set_xlabel("cluster")
-        ax.set_ylabel("samples")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "clusters.png"))
-        plots.append(("clusters.png", "Cluster sizes: available candidates vs selected."))
 
+def _cluster_bars(out_dir: str, counts: dict) -> tuple[str, str] | None:
+    """Per-cluster candidates vs selected (None without diversity)."""
+    if not counts.get("per_cluster_available"):
+        return None
+    avail = np.asarray(counts["per_cluster_available"])
+    taken = np.asarray(counts["per_cluster_selected"])
+    fig, ax = _figure(max(6.4, 0.25 * avail.size), 4.0)
+    x = np.arange(avail.size)
+    ax.bar(x, avail, color="#bbbbbb", label="available")
+    ax.bar(x, taken, color="#1f77b4", label="selected")
+    ax.set_xlabel("cluster")
+    ax.set_ylabel("samples")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "clusters.png"))
+    return "clusters.png", "Cluster sizes: available candidates vs selected."
+
+
+def _source_bars(out_dir: str, table: pa.Table, sel) -> tuple[str, str]:
+    """Each source's share of the pool and of the selection."""
     src = np.asarray(table.column("source").to_pylist(), dtype=object).astype(str)
     names, before = np.unique(src, return_counts=True)
     after = np.asarray([(src[sel] == s).sum() for s in names])
@@ -175,10 +190,13 @@ def _plots(out_dir: str, table: pa.Table, reference: dict) -> list[tuple[str, st
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "sources.png"))
-    plots.append(("sources.png", "Per-source share of the pool and of the selection."))
+    return "sources.png", "Per-source share of the pool and of the selection."
 
+
+def _nll_vs_score(out_dir: str, table: pa.Table, score, sel, method: str) -> tuple[str, str]:
+    """Scatter of nll against the score (a sample of SCATTER_POINTS rows at most)."""
     nll = table.column("nll").to_numpy(zero_copy_only=False).astype(float)
-    idx = np.flatnonzero(finite & np.isfinite(nll))
+    idx = np.flatnonzero(np.isfinite(score) & np.isfinite(nll))
     if idx.size > SCATTER_POINTS:
         idx = np.sort(np.random.default_rng(0).choice(idx, SCATTER_POINTS, replace=False))
     fig, ax = _figure()
@@ -192,30 +210,31 @@ def _plots(out_dir: str, table: pa.Table, reference: dict) -> list[tuple[str, st
     ax.legend(markerscale=4)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "nll_vs_score.png"))
-    plots.append(("nll_vs_score.png", f"nll vs score ({idx.size} rows shown)."))
+    return "nll_vs_score.png", f"nll vs score ({idx.size} rows shown)."
 
+
+def _signal_hists(out_dir: str, table: pa.Table, sel) -> tuple[str, str] | None:
+    """One density histogram per signal (nll, ifd, q, percentiles), selected vs dropped."""
     names = [c for c in ("nll", "ifd", "q") if c in table.column_names]
     names += [c for c in table.column_names if c.startswith("pct_")]
     cols = [(c, table.column(c).to_numpy(zero_copy_only=False).astype(float)) for c in names]
     cols = [(c, v) for c, v in cols if np.isfinite(v).sum() > 1]
-    if cols:
-        from matplotlib.figure import Figure
+    if not cols:
+        return None
+    from matplotlib.figure import Figure
 
-        fig = Figure(figsize=(3.2 * len(cols), 3.0), dpi=100)
-        for ax, (c, v) in zip(fig.subplots(1, len(cols), squeeze=False)[0], cols, strict=True):
-            ok = np.isfinite(v)
-            bins = np.histogram_bin_edges(v[ok], bins=40)
-            ax.hist(v[ok & ~sel], bins=bins, density=True, color="#bbbbbb", label="dropped")
-            ax.hist(
-                v[ok & sel], bins=bins, density=True, color="#1f77b4", alpha=0.6, label="selected"
-            )
-            ax.set_title(c, fontsize=9)
-            ax.tick_params(labelsize=7)
-        fig.axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "signals.png"))
-        plots.append(("signals.png", "Each signal's distribution: selected vs dropped (density)."))
-    return plots
+    fig = Figure(figsize=(3.2 * len(cols), 3.0), dpi=100)
+    for ax, (c, v) in zip(fig.subplots(1, len(cols), squeeze=False)[0], cols, strict=True):
+        ok = np.isfinite(v)
+        bins = np.histogram_bin_edges(v[ok], bins=40)
+        ax.hist(v[ok & ~sel], bins=bins, density=True, color="#bbbbbb", label="dropped")
+        ax.hist(v[ok & sel], bins=bins, density=True, color="#1f77b4", alpha=0.6, label="selected")
+        ax.set_title(c, fontsize=9)
+        ax.tick_params(labelsize=7)
+    fig.axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "signals.png"))
+    return "signals.png", "Each signal's distribution: selected vs dropped (density)."
 
 
 # ----------------------------------------------------------------------------- examples

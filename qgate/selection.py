@@ -39,7 +39,8 @@ import pyarrow.parquet as pq
 
 from qgate import data
 from qgate.clustering import assign_clusters, choose_k, fit_centroids, normalize_rows
-from qgate.config import SelectConfig, stage_dir, to_dict
+from qgate.config import SelectConfig, stage_dir
+from qgate.config_io import to_dict
 from qgate.ranking import (
     COMBINED_METHODS,
     SIGNAL_COLUMNS,
@@ -415,24 +416,7 @@ def compute_selection(cfg: SelectConfig, scores_dir: str | None = None) -> Selec
             " `ifd: true`, or choose another method / drop 'ifd' from `signals`"
         )
 
-    ref: dict = {
-        "version": REFERENCE_VERSION,
-        "method": method,
-        "signals": signals if method in COMBINED_METHODS else [],
-        "stats": pool.stats.to_dict(),
-        "tau": cfg.tau,
-        "eps": cfg.eps,
-        "seed": cfg.seed,
-        "quantiles": {},
-        "calibration": cfg.calibration if method in COMBINED_METHODS else None,
-        "quantiles_by_source": None,
-        "ppl_band": None,
-        "diversity": diversity,
-        "features": cfg.features if diversity else None,
-        "k": None,
-        "silhouette": None,
-        "centroids": None,
-    }
+    ref = _new_reference(cfg, signals, pool)
 
     if diversity:
         _fit_diversity(cfg, parts, pool, ref, warn)
@@ -444,10 +428,7 @@ def compute_selection(cfg: SelectConfig, scores_dir: str | None = None) -> Selec
     _pool_tables(cfg, cols, ref, signals)
     score, pct = method_scores(cols, ref)
     if cfg.dedup:  # copies a dedup run removed are not candidates
-        kept = pq.read_table(os.path.join(cfg.dedup, "kept.parquet"), columns=["sample_id"])
-        keep = np.isin(cols["sample_id"], np.asarray(kept.column(0).to_pylist(), dtype=object))
-        score = np.where(keep, score, np.nan)
-        ref["dedup"] = {"dir": os.path.abspath(cfg.dedup), "excluded": int((~keep).sum())}
+        score = _exclude_duplicates(cfg.dedup, cols["sample_id"], score, ref)
     n_cand = int(np.isfinite(score).sum())
     if n_cand == 0:
         raise SelectionError(f"method {method}: no scored row has a score; nothing to select")
@@ -575,6 +556,38 @@ def join_corpus(corpus: Sequence[str], sample_ids: Sequence[str]) -> list[dict]:
             f" {missing[:5]}); pass the same corpus paths the score stage read"
         )
     return rows
+
+
+def _new_reference(cfg: SelectConfig, signals: list[str], pool) -> dict:
+    """The reference's settings part, before the fit (clusters, quantiles) fills it in."""
+    combined = cfg.method in COMBINED_METHODS
+    diversity = cfg.use_diversity
+    return {
+        "version": REFERENCE_VERSION,
+        "method": cfg.method,
+        "signals": signals if combined else [],
+        "stats": pool.stats.to_dict(),
+        "tau": cfg.tau,
+        "eps": cfg.eps,
+        "seed": cfg.seed,
+        "quantiles": {},
+        "calibration": cfg.calibration if combined else None,
+        "quantiles_by_source": None,
+        "ppl_band": None,
+        "diversity": diversity,
+        "features": cfg.features if diversity else None,
+        "k": None,
+        "silhouette": None,
+        "centroids": None,
+    }
+
+
+def _exclude_duplicates(dedup_dir: str, sample_ids, score: np.ndarray, ref: dict) -> np.ndarray:
+    """The score with NaN for rows a dedup run removed (they stop being candidates)."""
+    kept = pq.read_table(os.path.join(dedup_dir, "kept.parquet"), columns=["sample_id"])
+    keep = np.isin(sample_ids, np.asarray(kept.column(0).to_pylist(), dtype=object))
+    ref["dedup"] = {"dir": os.path.abspath(dedup_dir), "excluded": int((~keep).sum())}
+    return np.where(keep, score, np.nan)
 
 
 def _json_text(obj) -> str:

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from qgate import losses
-from qgate.config import FinetuneConfig, TrainConfig, WarmupConfig, to_dict
+from qgate.config import FinetuneConfig, TrainConfig, WarmupConfig
+from qgate.config_io import to_dict
 from qgate.lora import build_finetune, export_finetune
 
 ARTIFACT_DIR = "artifact"
@@ -253,67 +254,41 @@ def train_loop(loop_cfg: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from qgate.config_io import build
+    from qgate.hardware import resolve_dtype, set_cpu_threads
+
     stage = loop_cfg["stage"]
     cfg_cls, builder, export = STAGES[stage]
-    from qgate.config import build
-
     cfg = build(cfg_cls, loop_cfg["cfg"])
     plan = Plan(**loop_cfg["plan"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    from qgate.hardware import set_cpu_threads
-
     set_cpu_threads(device, loop_cfg["threads"])
     torch.manual_seed(cfg.seed + rank)
-
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False  # rank logs stay readable
-    shard = ray.train.get_dataset_shard(f"rank_{rank}")
-    rows = sorted(shard.iter_rows(), key=lambda r: r["order"])
-    pool = [r for r in rows if not r["is_target"]]
-    targets = [r for r in rows if r["is_target"]]
+    pool, targets = _rank_rows(rank)
 
     model, tok, trainable, meta = builder(cfg, device)
-    quality = stage == "warmup"
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = list(trainable.values())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, plan.total_steps))
-
-    step, history, resumed_from = 0, [], 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
-            with open(os.path.join(d, METRICS_FILE)) as f:
-                history = [json.loads(line) for line in f if line.strip()]
-        with torch.no_grad():
-            for k, p in trainable.items():
-                p.copy_(state["trainable"][k])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = resumed_from = state["step"]
-        if rank == 0:
-            print(
-                f"[{stage}] resumed from checkpoint at step {step}/{plan.total_steps}", flush=True
-            )
+    step, history = _restore(trainable, optimizer, scheduler)
+    resumed_from = step
+    if step and rank == 0:
+        print(f"[{stage}] resumed from checkpoint at step {step}/{plan.total_steps}", flush=True)
 
     # Both stages train few weights (gates, LoRA adapters): their gradients are all-reduced
     # by hand (below), so the model keeps its body-only forward (DDP needs its own forward).
     model = model.to(device)
-    from qgate.hardware import resolve_dtype
-
     use_amp = resolve_dtype(cfg.dtype, device) == torch.bfloat16  # bf16 autocast, fp32 masters
     if rank == 0:
         print(f"[{stage}] compute dtype: {'bfloat16' if use_amp else 'float32'}", flush=True)
     fault = loop_cfg.get("fault") or {}
 
-    window = {"lm": 0.0, "q": 0.0, "n": 0, "tokens": 0, "gate": None}
-    t0, start_step = time.time(), step
+    window = _Window(start_step=step)
     while step < plan.total_steps:
         optimizer.zero_grad(set_to_none=True)
         torch.manual_seed(cfg.seed * 1_000_003 + step * 101 + rank)  # resume-exact dropout
@@ -321,68 +296,23 @@ def train_loop(loop_cfg: dict) -> None:
             idx, tidx = micro_batch_indices(plan, rank, cfg.seed, step * cfg.grad_accum + a)
             batch = collate([pool[i] for i in idx] + [targets[i] for i in tidx], tok.pad_token_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                if quality:
-                    lm, gates, mask, weights = _gated_step(model, batch, cfg)
-                else:
-                    lm = _lm_step(model, batch)
-            loss = lm
-            if quality:
-                ql = losses.quality_loss(
-                    gates, mask, cfg.loss, batch["is_target"], cfg.balance, weights
-                )
-                loss = lm + cfg.quality_weight * ql
-                window["q"] += ql.item()
-                g_layer = losses.gate_means(gates.detach(), mask).mean(0)
-                window["gate"] = g_layer if window["gate"] is None else window["gate"] + g_layer
-            (loss / cfg.grad_accum).backward()
-            window["lm"] += lm.item()
-            window["n"] += 1
-            window["tokens"] += int(batch["attention_mask"].sum())
+            _micro_step(model, batch, cfg, stage == "warmup", use_amp, window)
         if world > 1:
             _all_reduce_grads(params, world)
         optimizer.step()
         scheduler.step()
         step += 1
-
-        if fault.get("kill_at_step") == step and rank == world - 1:
-            marker = fault["marker"]
-            if not os.path.exists(marker):
-                open(marker, "w").close()
-                print(f"[{stage}] fault injection: rank {rank} exits at step {step}", flush=True)
-                os._exit(1)
+        _maybe_fault(fault, stage, step, rank, world)
 
         last = step == plan.total_steps
         if step % cfg.report_every and step % cfg.checkpoint_every and not last:
             continue
-        tokens = torch.tensor([window["tokens"]], dtype=torch.float64)
-        if world > 1:
-            torch.distributed.all_reduce(tokens)
-        elapsed = max(time.time() - t0, 1e-9)
-        n = max(window["n"], 1)
-        metrics = {
-            "step": step,
-            "epoch": round(step * cfg.grad_accum / plan.micro_per_epoch, 4),
-            "lm_loss": window["lm"] / n,
-            "lr": scheduler.get_last_lr()[0],
-            "tokens_per_s": float(tokens.item()) / elapsed,
-            "resumed_from": resumed_from,
-        }
-        if quality:
-            metrics["quality_loss"] = window["q"] / n
-            metrics["gate_mean"] = [round(float(g) / n, 6) for g in window["gate"]]
+        metrics = window.metrics(cfg, plan, step, world, scheduler.get_last_lr()[0])
+        metrics["resumed_from"] = resumed_from
         history.append(metrics)
         if rank == 0:
-            done = step - start_step
-            eta = (plan.total_steps - step) * (time.time() - t0) / max(done, 1)
-            extra = f" q {metrics['quality_loss']:.4f}" if quality else ""
-            print(
-                f"[{stage}] step {step}/{plan.total_steps} lm {metrics['lm_loss']:.4f}{extra} "
-                f"{metrics['tokens_per_s']:.0f} tok/s eta {eta:.0f}s",
-                flush=True,
-            )
-        window = {"lm": 0.0, "q": 0.0, "n": 0, "tokens": 0, "gate": None}
-        t0, start_step = time.time(), step
+            window.print_progress(stage, metrics, plan.total_steps)
+        window = _Window(start_step=step)
         report = {k: v for k, v in metrics.items() if k != "gate_mean"}
         if step % cfg.checkpoint_every == 0 or last:
             with tempfile.TemporaryDirectory() as d:
@@ -395,6 +325,109 @@ def train_loop(loop_cfg: dict) -> None:
                 ray.train.report(report, checkpoint=ck)
         else:
             ray.train.report(report)
+
+
+def _rank_rows(rank: int) -> tuple[list[dict], list[dict]]:
+    """This rank's (pool rows, target rows) from its Ray Data shard, in the driver's order."""
+    import ray.data
+    import ray.train
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # rank logs stay readable
+    shard = ray.train.get_dataset_shard(f"rank_{rank}")
+    rows = sorted(shard.iter_rows(), key=lambda r: r["order"])
+    return [r for r in rows if not r["is_target"]], [r for r in rows if r["is_target"]]
+
+
+def _restore(trainable: dict, optimizer, scheduler) -> tuple[int, list[dict]]:
+    """(step, metrics history) from Ray Train's latest checkpoint, restoring the trainable
+    weights, optimizer and schedule in place; (0, []) on a fresh start."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if not ckpt:
+        return 0, []
+    with ckpt.as_directory() as d:
+        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+        with open(os.path.join(d, METRICS_FILE)) as f:
+            history = [json.loads(line) for line in f if line.strip()]
+    with torch.no_grad():
+        for k, p in trainable.items():
+            p.copy_(state["trainable"][k])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"], history
+
+
+class _Window:
+    """Running sums of the steps since the last report: losses, tokens, per-layer gate means."""
+
+    def __init__(self, start_step: int):
+        self.lm = self.q = 0.0
+        self.n = self.tokens = 0
+        self.gate = None
+        self.t0, self.start_step = time.time(), start_step
+
+    def metrics(self, cfg, plan: Plan, step: int, world: int, lr: float) -> dict:
+        """The report for this window (tokens/s summed over ranks)."""
+        tokens = torch.tensor([self.tokens], dtype=torch.float64)
+        if world > 1:
+            torch.distributed.all_reduce(tokens)
+        n = max(self.n, 1)
+        metrics = {
+            "step": step,
+            "epoch": round(step * cfg.grad_accum / plan.micro_per_epoch, 4),
+            "lm_loss": self.lm / n,
+            "lr": lr,
+            "tokens_per_s": float(tokens.item()) / max(time.time() - self.t0, 1e-9),
+        }
+        if self.gate is not None:
+            metrics["quality_loss"] = self.q / n
+            metrics["gate_mean"] = [round(float(g) / n, 6) for g in self.gate]
+        return metrics
+
+    def print_progress(self, stage: str, metrics: dict, total: int) -> None:
+        """One progress line: step, losses, throughput and the time left."""
+        step = metrics["step"]
+        done = step - self.start_step
+        eta = (total - step) * (time.time() - self.t0) / max(done, 1)
+        extra = f" q {metrics['quality_loss']:.4f}" if "quality_loss" in metrics else ""
+        print(
+            f"[{stage}] step {step}/{total} lm {metrics['lm_loss']:.4f}{extra} "
+            f"{metrics['tokens_per_s']:.0f} tok/s eta {eta:.0f}s",
+            flush=True,
+        )
+
+
+def _micro_step(model, batch: dict, cfg, quality: bool, use_amp: bool, window: _Window) -> None:
+    """Forward and backward of one micro-batch (LM loss, plus the quality loss in warmup),
+    adding its figures to the window."""
+    device_type = batch["input_ids"].device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=use_amp):
+        if quality:
+            lm, gates, mask, weights = _gated_step(model, batch, cfg)
+        else:
+            lm = _lm_step(model, batch)
+    loss = lm
+    if quality:
+        ql = losses.quality_loss(gates, mask, cfg.loss, batch["is_target"], cfg.balance, weights)
+        loss = lm + cfg.quality_weight * ql
+        window.q += ql.item()
+        g_layer = losses.gate_means(gates.detach(), mask).mean(0)
+        window.gate = g_layer if window.gate is None else window.gate + g_layer
+    (loss / cfg.grad_accum).backward()
+    window.lm += lm.item()
+    window.n += 1
+    window.tokens += int(batch["attention_mask"].sum())
+
+
+def _maybe_fault(fault: dict, stage: str, step: int, rank: int, world: int) -> None:
+    """Tests only: ``{kill_at_step, marker}`` makes the last rank exit once at that step."""
+    if fault.get("kill_at_step") != step or rank != world - 1:
+        return
+    if not os.path.exists(fault["marker"]):
+        open(fault["marker"], "w").close()
+        print(f"[{stage}] fault injection: rank {rank} exits at step {step}", flush=True)
+        os._exit(1)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -455,7 +488,6 @@ def fit(
     exit once at step N.
     """
     import ray
-    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -476,24 +508,7 @@ def fit(
 
     _claim_run(storage, name, fingerprint(cfg, pool + tgt))
 
-    # the datasets run inside Ray Train, whose progress bars would print from every worker
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    cols = ("sample_id", "messages", "order", "is_target")
-    datasets = {}
-    for r in range(world):
-        mine = [{k: row[k] for k in cols} for row in pool + tgt if row["rank"] == r]
-        ds = ray.data.from_items(mine).map_batches(
-            tokenize_batch,
-            fn_kwargs={
-                "tokenizer_path": tokenizer_path,
-                "max_length": cfg.max_length,
-                "loss_on": cfg.loss_on,
-            },
-            batch_size=64,
-            num_cpus=0.25,
-        )
-        datasets[f"rank_{r}"] = ds
-
+    datasets = _rank_datasets(cfg, pool + tgt, world, tokenizer_path)
     res = dict(cfg.scaling.resources_per_worker)
     threads = cfg.device_threads or max(1, int(res.get("CPU", 1)))
     loop_cfg = {
@@ -524,17 +539,7 @@ def fit(
     wall = time.time() - t0
     if result.checkpoint is None:
         raise RuntimeError(f"{stage}: training finished without a checkpoint")
-    with result.checkpoint.as_directory() as d:
-        for name_ in os.listdir(os.path.join(d, ARTIFACT_DIR)):
-            src = os.path.join(d, ARTIFACT_DIR, name_)
-            dst = os.path.join(out_dir, name_)
-            if os.path.isdir(src):
-                shutil.copytree(src, dst, dirs_exist_ok=True)
-            else:
-                shutil.copy2(src, dst)
-        shutil.copy2(os.path.join(d, METRICS_FILE), os.path.join(out_dir, METRICS_FILE))
-    with open(os.path.join(out_dir, METRICS_FILE)) as f:
-        history = [json.loads(line) for line in f if line.strip()]
+    history = _export(result.checkpoint, out_dir)
     return {
         "stage": stage,
         "out_dir": out_dir,
@@ -545,3 +550,37 @@ def fit(
         "last": history[-1] if history else {},
         "history": history,
     }
+
+
+def _rank_datasets(cfg: TrainConfig, rows: list[dict], world: int, tokenizer_path) -> dict:
+    """One Ray Dataset per rank (``rank_<r>``) of its rows, tokenized by Ray Data tasks."""
+    import ray.data
+
+    # the datasets run inside Ray Train, whose progress bars would print from every worker
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    cols = ("sample_id", "messages", "order", "is_target")
+    kwargs = {"tokenizer_path": tokenizer_path, "max_length": cfg.max_length}
+    kwargs["loss_on"] = cfg.loss_on
+    datasets = {}
+    for r in range(world):
+        mine = [{k: row[k] for k in cols} for row in rows if row["rank"] == r]
+        datasets[f"rank_{r}"] = ray.data.from_items(mine).map_batches(
+            tokenize_batch, fn_kwargs=kwargs, batch_size=64, num_cpus=0.25
+        )
+    return datasets
+
+
+def _export(checkpoint, out_dir: str) -> list[dict]:
+    """Copy the final checkpoint's artifact files and metrics into out_dir; returns the
+    metrics history."""
+    with checkpoint.as_directory() as d:
+        for name in os.listdir(os.path.join(d, ARTIFACT_DIR)):
+            src = os.path.join(d, ARTIFACT_DIR, name)
+            dst = os.path.join(out_dir, name)
+            if os.path.isdir(src):
+                shutil.copytree(src, dst, dirs_exist_ok=True)
+            else:
+                shutil.copy2(src, dst)
+        shutil.copy2(os.path.join(d, METRICS_FILE), os.path.join(out_dir, METRICS_FILE))
+    with open(os.path.join(out_dir, METRICS_FILE)) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -10,7 +10,8 @@ from __future__ import annotations
 import random
 
 from qgate import cluster
-from qgate.config import WarmupConfig, stage_dir, write_config
+from qgate.config import WarmupConfig, stage_dir
+from qgate.config_io import write_config
 from qgate.data import expand_paths, read_corpus
 from qgate.model import check_base, resolve_base
 

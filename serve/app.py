@@ -30,8 +30,9 @@ from collections.abc import Callable
 
 from ray import serve
 
-from qgate.config import ConfigError, ServeConfig, apply_overrides, stage_dir
-from qgate.config import build as build_config
+from qgate.config import ConfigError, ServeConfig, stage_dir
+from qgate.config_io import apply_overrides
+from qgate.config_io import build as build_config
 from qgate.data import INVALID_UTF8, TOKENIZATION_ERROR, Reject, validate
 from qgate.serving import resolve_artifacts
 from serve.gateway import APIError, Guard, api

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from qgate import config as C
+from qgate.config_io import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = {
@@ -51,7 +52,7 @@ def test_job_configs_validate_and_name_their_command(path):
     assert os.path.relpath(path, REPO) == cfg_path
     stage = module.split(".")[1]
     importlib.import_module(module).main  # noqa: B018 - the entry point exists
-    C.load_config(CLASSES[stage], path, m.group(3).split())
+    load_config(CLASSES[stage], path, m.group(3).split())
 
 
 def test_cluster_entrypoints_exist_and_validate():
@@ -64,7 +65,7 @@ def test_cluster_entrypoints_exist_and_validate():
             importlib.import_module(module)
             assert os.path.isfile(os.path.join(REPO, cfg_path)), f"{path}: {cfg_path} missing"
             stage = module.split(".")[1]
-            C.load_config(CLASSES[stage], os.path.join(REPO, cfg_path), overrides)
+            load_config(CLASSES[stage], os.path.join(REPO, cfg_path), overrides)
             seen += 1
     assert seen >= 5
 

@@ -12,7 +12,8 @@ import torch
 from qgate import losses
 from qgate import model as M
 from qgate import warmup as stage
-from qgate.config import ConfigError, WarmupConfig, load_config
+from qgate.config import ConfigError, WarmupConfig
+from qgate.config_io import load_config
 from qgate.corruption import CORRUPTIONS, make_negatives
 from qgate.data import read_corpus
 from qgate.scorer import Scorer, ScoringSettings

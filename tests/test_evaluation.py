@@ -12,7 +12,8 @@ import yaml
 
 from jobs import evaluate as job
 from qgate.chat import render_chat
-from qgate.config import EvaluateConfig, load_config
+from qgate.config import EvaluateConfig
+from qgate.config_io import load_config
 from qgate.evaluation import evaluate, write_local_task
 
 LIMIT, GEN = 8, 6

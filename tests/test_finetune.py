@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from jobs import finetune as job
 from qgate import finetune as stage
-from qgate.config import FinetuneConfig, load_config
+from qgate.config import FinetuneConfig
+from qgate.config_io import load_config
 from qgate.model import model_digest
 
 # Kill two steps after a checkpoint: Ray Train V2 registers a checkpoint only once the

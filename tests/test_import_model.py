@@ -237,7 +237,8 @@ def test_pipeline_runs_on_imported_model(smollm2_dir, corpus, ray_session, tmp_p
 
     from qgate import warmup as warmup_job
     from qgate.batch_scoring import run_scoring
-    from qgate.config import ScoreConfig, SelectConfig, WarmupConfig, load_config
+    from qgate.config import ScoreConfig, SelectConfig, WarmupConfig
+    from qgate.config_io import load_config
     from qgate.data import read_corpus, write_jsonl
     from qgate.selection import run_selection
 

@@ -58,7 +58,8 @@ def run_node_loss(model: str, corpus: str, out: str, rows_per_shard: int) -> dic
     from ray.cluster_utils import Cluster
 
     from qgate.batch_scoring import run_scoring
-    from qgate.config import ScoreConfig, load_config
+    from qgate.config import ScoreConfig
+    from qgate.config_io import load_config
 
     # Faster node-death detection than the defaults (3 s x 5 missed health checks), so the
     # test spends less time waiting; the recovery path is the same.

@@ -13,7 +13,8 @@ import torch
 from qgate import data as D
 from qgate import hardware, losses, scoring
 from qgate.batch_scoring import ScoringError, actor_layout, run_scoring, score_isolating
-from qgate.config import ScoreConfig, load_config
+from qgate.config import ScoreConfig
+from qgate.config_io import load_config
 from qgate.model import forward, gate_parameters, load_gated_model
 from qgate.scorer import Scorer, ScoringSettings
 

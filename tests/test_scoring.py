@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from qgate import data as D
 from qgate.batch_scoring import MANIFEST_FILE, ScoringError, run_scoring
-from qgate.config import ScoreConfig, load_config
+from qgate.config import ScoreConfig
+from qgate.config_io import load_config
 from qgate.model import gate_parameters, load_gated_model
 from qgate.scoring import score_batch, tokenize_for_scoring
 

@@ -13,7 +13,8 @@ import pytest
 
 from qgate import ranking
 from qgate import selection as sel
-from qgate.config import SelectConfig, load_config
+from qgate.config import SelectConfig
+from qgate.config_io import load_config
 from qgate.data import read_corpus
 
 L, D = 4, 8

@@ -13,7 +13,8 @@ from qgate import losses
 from qgate import model as M
 from qgate import warmup as stage
 from qgate.chat import tokenize_messages
-from qgate.config import ConfigError, WarmupConfig, load_config
+from qgate.config import ConfigError, WarmupConfig
+from qgate.config_io import load_config
 from qgate.data import read_corpus
 
 SMALL = ["batch_size=4", "max_length=96", "scaling.resources_per_worker={CPU: 0.5}", "lr=0.01"]
