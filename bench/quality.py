@@ -422,7 +422,7 @@ def select_and_measure(
         result = compute_selection(cfg)
         seconds = time.perf_counter() - t0
         if cfg.use_diversity:
-            k_cache.setdefault(scores, result.reference["k"])
+            k_cache.setdefault(scores, result.reference.k)
         m = label_metrics(result.table, labels)
         row["auroc"], row["auroc_by_type"] = m["auroc"], m["auroc_by_type"]
         row["budgets"][str(b)] = {
@@ -430,7 +430,7 @@ def select_and_measure(
             "type_share": {t: m["selected_share"].get(t, 0.0) for t in NOISE_ORDER},
             "target_family_share": target_share(result.table, family, targets),
             "selected": int(result.order.size),
-            "k": result.reference["k"],
+            "k": result.reference.k,
             "select_s": seconds,
         }
     return row

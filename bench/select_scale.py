@@ -97,9 +97,9 @@ def child(scores_dir: str, method: str) -> None:
         "peak_rss_mb": r1.ru_maxrss / 1024,
         "rss_before_mb": r0.ru_maxrss / 1024,
         "cpu_seconds": (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime),
-        "rows": ref["counts"]["scored"],
-        "selected": ref["counts"]["selected"],
-        "k": ref["k"],
+        "rows": ref.counts["scored"],
+        "selected": ref.counts["selected"],
+        "k": ref.k,
         "steps": result.timings,
     }
     print(json.dumps(out))

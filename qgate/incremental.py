@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import pyarrow.parquet as pq
 
@@ -32,6 +33,9 @@ from qgate.scores import (
 from qgate.selection import decide, join_corpus, load_reference
 from qgate.selection_log import COMMITTED, NOT_SELECTED, SelectionLog, pool_identity
 
+if TYPE_CHECKING:
+    from qgate.reference import Reference
+
 DRIFT_FACTOR = 2.0
 """New rows passing at more than this factor above or below the pool's rate: recalibrate."""
 
@@ -42,21 +46,21 @@ def reference_digest(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
-def reference_scores_dirs(reference: dict) -> list[str]:
+def reference_scores_dirs(reference: Reference) -> list[str]:
     """The scores directories a reference was fitted on (from its stored select config)."""
-    cfg = reference.get("config") or {}
+    cfg = reference.config or {}
     first = cfg.get("scores") or stage_dir(cfg.get("run_dir", "runs/demo"), "scores")
     return [first, *(cfg.get("more_scores") or [])]
 
 
-def read_samples(scores_dirs: list[str], reference: dict) -> list[dict]:
+def read_samples(scores_dirs: list[str], reference: Reference) -> list[dict]:
     """Per-row stats dicts, as :func:`qgate.selection.decide` takes them, plus the text
     identity columns when present."""
     samples: list[dict] = []
-    feats = reference.get("features") if reference.get("diversity") else None
+    feats = reference.features if reference.diversity else None
     for d in scores_dirs:
         m = read_manifest(d)
-        check_comparable(m, reference, d, "the reference")
+        check_comparable(m, reference.to_dict(), d, "the reference")
         parts = score_parts(d, m)
         names = set(pq.ParquetFile(parts[0]).schema_arrow.names)
         cols = ["sample_id", "source", "nll", "ifd", "n_loss_tokens", "gate"]
@@ -98,7 +102,7 @@ def run_extend(cfg: ExtendConfig) -> dict:
             corpus += (read_manifest(d).get("config") or {}).get("corpus") or []
     rows = join_corpus(corpus, [samples[i]["sample_id"] for i in passing]) if passing else []
 
-    mh_block = (ref.get("scoring") or {}).get("minhash")
+    mh_block = (ref.scoring or {}).get("minhash")
     minhash = MinHash.from_dict(mh_block) if mh_block else None
     pool_dirs = cfg.pool_scores if cfg.pool_scores is not None else reference_scores_dirs(ref)
     pool = pool_identity(pool_dirs) if minhash else None
@@ -114,7 +118,7 @@ def run_extend(cfg: ExtendConfig) -> dict:
             "score": d["score"],
             "q": d["q"],
             "margin": d["margin"],
-            "method": ref["method"],
+            "method": ref.method,
             "reference_digest": digest,
             "via": "extend",
         }
@@ -126,14 +130,14 @@ def run_extend(cfg: ExtendConfig) -> dict:
     results = log.commit(entries)
     counts = Counter(r["status"] for r in results)
     counts[NOT_SELECTED] = len(samples) - len(passing)
-    pool_rate = ref["counts"]["selected"] / max(ref["counts"]["candidates"], 1)
+    pool_rate = ref.counts["selected"] / max(ref.counts["candidates"], 1)
     new_rate = len(passing) / len(samples) if samples else None
     log_rows = len(log.committed)
     reasons = []
-    if log_rows >= cfg.recalibrate_after * ref["counts"]["scored"]:
+    if log_rows >= cfg.recalibrate_after * ref.counts["scored"]:
         reasons.append(
-            f"the log holds {log_rows} samples, {log_rows / ref['counts']['scored']:.0%} of the "
-            f"{ref['counts']['scored']} rows the reference was fitted on"
+            f"the log holds {log_rows} samples, {log_rows / ref.counts['scored']:.0%} of the "
+            f"{ref.counts['scored']} rows the reference was fitted on"
         )
     if new_rate is not None and samples and len(samples) >= 100:
         ratio = (new_rate + 1e-9) / (pool_rate + 1e-9)

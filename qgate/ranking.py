@@ -11,10 +11,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from qgate.scores import SelectionError
+
+if TYPE_CHECKING:
+    from qgate.reference import Reference
 
 SIGNALS = ("gate", "perplexity", "ifd", "length")
 COMBINED_METHODS = ("worst_rank", "rank_mean")
@@ -192,12 +196,12 @@ def source_quantile_tables(
     return tables
 
 
-def signal_percentiles(name: str, cols: dict, reference: dict) -> np.ndarray:
+def signal_percentiles(name: str, cols: dict, reference: Reference) -> np.ndarray:
     """Percentile of signal ``name`` for each row: within the row's own source when the
     reference holds that source's table (calibration 'source'), else within the whole pool."""
     values = signal_values(name, cols)
-    out = percentiles(values, reference["quantiles"][name])
-    by_source = reference.get("quantiles_by_source")
+    out = percentiles(values, reference.quantiles[name])
+    by_source = reference.quantiles_by_source
     if by_source:
         for source, idx in _source_groups(cols["source"]):
             tables = by_source.get(source)
@@ -206,27 +210,27 @@ def signal_percentiles(name: str, cols: dict, reference: dict) -> np.ndarray:
     return out
 
 
-def method_scores(cols: dict, reference: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def method_scores(cols: dict, reference: Reference) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(score, percentiles per signal) for rows in ``cols``, as ``reference`` defines them.
 
     ``cols`` maps q / nll / ifd (NaN = null) / n_loss_tokens / sample_id / source to arrays.
     The score is NaN for rows that are not candidates. Pool selection and :func:`decide` both
     call this.
     """
-    method = reference["method"]
+    method = reference.method
     pct: dict[str, np.ndarray] = {}
     if method in SINGLE_SIGNAL_METHODS:
         score = signal_values(SINGLE_SIGNAL_METHODS[method], cols)
-        band = reference.get("ppl_band") if method == "perplexity" else None
+        band = reference.ppl_band if method == "perplexity" else None
         if band:
             nll = np.asarray(cols["nll"], dtype=np.float64)
             score = np.where((nll >= band["nll_lo"]) & (nll <= band["nll_hi"]), score, np.nan)
     elif method == "random":
-        score = hash_uniform(cols["sample_id"], reference["seed"])
+        score = hash_uniform(cols["sample_id"], reference.seed)
     elif method in COMBINED_METHODS:
-        for s in reference["signals"]:
+        for s in reference.signals:
             pct[s] = signal_percentiles(s, cols, reference)
-        parts = np.stack([pct[s] for s in reference["signals"]])
+        parts = np.stack([pct[s] for s in reference.signals])
         # NaN (a missing signal) propagates: not a candidate
         score = parts.min(axis=0) if method == "worst_rank" else parts.mean(axis=0)
     else:

@@ -10,11 +10,15 @@ import base64
 import html
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from qgate import data
+
+if TYPE_CHECKING:
+    from qgate.reference import Reference
 
 CLEAN = "clean"
 REPORT_FILES = (
@@ -120,34 +124,34 @@ def _figure(w=6.4, h=4.0):
     return fig, fig.subplots()
 
 
-def _plots(out_dir: str, table: pa.Table, reference: dict) -> list[tuple[str, str]]:
+def _plots(out_dir: str, table: pa.Table, reference: Reference) -> list[tuple[str, str]]:
     """Write the PNG plots; returns (file name, caption) pairs."""
     score = table.column("score").to_numpy(zero_copy_only=False).astype(float)
     sel = table.column("selected").to_numpy(zero_copy_only=False)
     made = [
         _score_hist(out_dir, score, sel, reference),
-        _cluster_bars(out_dir, reference["counts"]),
+        _cluster_bars(out_dir, reference.counts),
         _source_bars(out_dir, table, sel),
-        _nll_vs_score(out_dir, table, score, sel, reference["method"]),
+        _nll_vs_score(out_dir, table, score, sel, reference.method),
         _signal_hists(out_dir, table, sel),
     ]
     return [p for p in made if p]
 
 
-def _score_hist(out_dir: str, score, sel, reference: dict) -> tuple[str, str]:
+def _score_hist(out_dir: str, score, sel, reference: Reference) -> tuple[str, str]:
     """Histogram of the score, available vs selected, with the cutoffs."""
     finite = np.isfinite(score)
     fig, ax = _figure()
     bins = np.histogram_bin_edges(score[finite], bins=60)
     ax.hist(score[finite], bins=bins, color="#bbbbbb", label="available")
     ax.hist(score[finite & sel], bins=bins, color="#1f77b4", label="selected")
-    cut = reference["cutoffs"]
+    cut = reference.cutoffs
     for c in cut["per_cluster"] or []:
         if c is not None:
             ax.axvline(c, color="#ff7f0e", lw=0.6, alpha=0.5)
     if cut["global"] is not None:
         ax.axvline(cut["global"], color="#d62728", lw=1.5, label="cutoff (lowest selected)")
-    ax.set_xlabel(f"score ({reference['method']})")
+    ax.set_xlabel(f"score ({reference.method})")
     ax.set_ylabel("samples")
     ax.legend()
     fig.tight_layout()
@@ -240,7 +244,7 @@ def _signal_hists(out_dir: str, table: pa.Table, sel) -> tuple[str, str] | None:
 # ----------------------------------------------------------------------------- examples
 
 
-def example_ids(table: pa.Table, reference: dict, per_group: int = EXAMPLES_PER_GROUP) -> dict:
+def example_ids(table: pa.Table, reference: Reference, per_group: int = EXAMPLES_PER_GROUP) -> dict:
     """Which samples the report shows: per source (per cluster with diversity) the top and
     bottom ``per_group`` by score, and the ``per_group`` on each side of the cutoff.
 
@@ -250,7 +254,7 @@ def example_ids(table: pa.Table, reference: dict, per_group: int = EXAMPLES_PER_
     score = table.column("score").to_numpy(zero_copy_only=False).astype(float)
     sel = table.column("selected").to_numpy(zero_copy_only=False)
     ok = np.isfinite(score)
-    by_cluster = bool(reference.get("diversity"))
+    by_cluster = bool(reference.diversity)
     key = "cluster" if by_cluster else "source"
     group = np.asarray(table.column(key).to_pylist(), dtype=object)
     names, counts = np.unique(group[ok].astype(str), return_counts=True)
@@ -261,7 +265,7 @@ def example_ids(table: pa.Table, reference: dict, per_group: int = EXAMPLES_PER_
         label = f"cluster {name}" if by_cluster else str(name)
         groups.append((label, ids[idx[:per_group]].tolist(), ids[idx[-per_group:][::-1]].tolist()))
     # the margin to the sample's own cutoff (its cluster's with diversity, else the global one)
-    cut = reference["cutoffs"]
+    cut = reference.cutoffs
     if by_cluster and cut.get("per_cluster"):
         per = np.asarray([np.nan if c is None else c for c in cut["per_cluster"]], dtype=float)
         cutoff = per[np.asarray(group, dtype=np.int64)]
@@ -389,10 +393,10 @@ def _examples_html(examples: dict, table: pa.Table, rows_by_id: dict, labels) ->
     return parts
 
 
-def _dropped_html(reference: dict, rejects: list[dict]) -> list[str]:
+def _dropped_html(reference: Reference, rejects: list[dict]) -> list[str]:
     """Why rows are not in the selection: below the cutoff, no score, a copy, or rejected."""
-    c = reference["counts"]
-    excluded = (reference.get("dedup") or {}).get("excluded", 0)
+    c = reference.counts
+    excluded = (reference.dedup or {}).get("excluded", 0)
     no_score = c["scored"] - c["candidates"] - excluded
     why = [
         (
@@ -401,7 +405,7 @@ def _dropped_html(reference: dict, rejects: list[dict]) -> list[str]:
         ),
         ("no score for this method (e.g. no IFD value)", no_score),
     ]
-    if reference.get("dedup"):
+    if reference.dedup:
         why.append(("a copy removed by the dedup run", excluded))
     why.append(("rejected at scoring (below)", c["rejected"]))
     parts = ["<h2>Why rows were dropped</h2>", _table(why, ("reason", "rows"))]
@@ -423,7 +427,7 @@ def _dropped_html(reference: dict, rejects: list[dict]) -> list[str]:
 def write_report(
     out_dir: str,
     selection_table: pa.Table,
-    reference: dict,
+    reference: Reference,
     labels: dict[str, str] | None = None,
     rows_by_id: dict[str, dict] | None = None,
     examples: dict | None = None,
@@ -437,18 +441,18 @@ def write_report(
     """
     clear_report(out_dir)
     plots = _plots(out_dir, selection_table, reference)
-    counts, cut = reference["counts"], reference["cutoffs"]
+    counts, cut = reference.counts, reference.cutoffs
     summary = [
-        ("method", reference["method"]),
-        ("signals", ", ".join(reference["signals"]) or None),
+        ("method", reference.method),
+        ("signals", ", ".join(reference.signals) or None),
         ("scored rows", counts["scored"]),
         ("rejected at scoring", counts["rejected"]),
         ("candidates", counts["candidates"]),
-        ("budget", reference["budget"]),
+        ("budget", reference.budget),
         ("selected", counts["selected"]),
         (
             "diversity",
-            f"k={reference['k']} on {reference['features']}" if reference["k"] else "off",
+            f"k={reference.k} on {reference.features}" if reference.k else "off",
         ),
         ("global cutoff", cut["global"]),
     ]

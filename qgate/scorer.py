@@ -18,8 +18,11 @@ import numpy as np
 
 from qgate.hardware import dtype_name, resolve_device, resolve_dtype, set_cpu_threads
 
-BF16_TOLERANCE = {"nll": 0.2, "gate": 0.01}
-"""Largest differences seen between a bf16 and an fp32 score of the same row (BENCHMARKS.md)."""
+BF16_TOLERANCE = {"nll": 0.4, "gate": 0.015}
+"""Largest differences seen in a bf16 score of the same row (BENCHMARKS.md): against fp32
+(nll 0.22, gate 0.007 on SmolLM2, 200 rows), and between two bf16 runs that batch the row
+with other rows, so other padding (nll 0.38, gate 0.015, the job against the loop, 5,000
+rows). In fp32 a row's score does not depend on its batch-mates beyond float rounding."""
 
 
 @dataclass(frozen=True)
@@ -106,8 +109,8 @@ class Scorer:
         if want != settings.dtype:
             raise ValueError(
                 f"the scores were made in {settings.dtype} but dtype={dtype} asks for {want}: "
-                f"scores would differ (up to {BF16_TOLERANCE['nll']} in nll between bf16 and "
-                "fp32). Use dtype=auto, or re-score in the dtype you want"
+                f"scores would differ (up to {BF16_TOLERANCE['nll']} in nll in bf16). Use "
+                "dtype=auto, or re-score in the dtype you want"
             )
         set_cpu_threads(self.device, threads)
         self.model, self.tokenizer, self.meta = (loader or load_gated_model)(

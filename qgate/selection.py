@@ -21,7 +21,6 @@ Everything here is numpy/pyarrow/scikit-learn: no Ray and no torch.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -53,11 +52,11 @@ from qgate.ranking import (
     signal_values,
     source_quantile_tables,
 )
+from qgate.reference import Reference
 from qgate.scores import (
     SCALAR_COLUMNS,
     SelectionError,
     _is_uri,
-    _open,
     iter_score_batches,
     list_matrix,
     merge_manifest,
@@ -67,7 +66,6 @@ from qgate.scores import (
 
 log = logging.getLogger(__name__)
 
-REFERENCE_VERSION = 1
 
 # ----------------------------------------------------------------------------- round-robin
 
@@ -158,7 +156,7 @@ class Selection:
     """Every scored sample, sorted by sample_id (the selection.parquet rows)."""
     order: np.ndarray
     """Row indices into ``table`` of the selected samples, in selection order."""
-    reference: dict
+    reference: Reference
     manifest: dict
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -230,25 +228,25 @@ def _gather_features(parts, column: str, pool: _Pool, sorted_rows: np.ndarray) -
     return out
 
 
-def _score_and_assign(parts, pool: _Pool, ref: dict, features: str | None):
+def _score_and_assign(parts, pool: _Pool, ref: Reference, features: str | None):
     """Pass 3: q for every row, and its cluster when centroids are given (sorted order)."""
     n = pool.order.size
     q = np.empty(n, dtype=np.float64)
     cluster = np.zeros(n, dtype=np.int32)
-    stats = ColumnStats.from_dict(ref["stats"])
+    stats = ColumnStats.from_dict(ref.stats)
     columns = ("gate",) if features in (None, "gate") else ("gate", features)
-    C = np.asarray(ref["centroids"], dtype=np.float64) if features else None
+    C = np.asarray(ref.centroids, dtype=np.float64) if features else None
     for start, batch in iter_score_batches(parts, columns):
         pos = pool.inv[start : start + batch.num_rows]
         S = list_matrix(batch.column("gate"), "gate")
-        q[pos] = quality_scores(S, stats, ref["tau"], ref["eps"])
+        q[pos] = quality_scores(S, stats, ref.tau, ref.eps)
         if features:
             X = S if features == "gate" else list_matrix(batch.column(features), features)
             cluster[pos] = assign_clusters(normalize_rows(X), C)
     return q, cluster
 
 
-def _fit_diversity(cfg: SelectConfig, parts, pool: _Pool, ref: dict, warn) -> None:
+def _fit_diversity(cfg: SelectConfig, parts, pool: _Pool, ref: Reference, warn) -> None:
     """Fit k-means on a seeded sample (positions in sample_id order) of the features; k and
     the centroids (and the silhouette search, when k is chosen) go into the reference."""
     n = pool.order.size
@@ -263,23 +261,23 @@ def _fit_diversity(cfg: SelectConfig, parts, pool: _Pool, ref: dict, warn) -> No
             k = m
     else:
         k, sil = choose_k(X, cfg.k_min, cfg.k_max, cfg.seed)
-        ref["silhouette"] = {str(kk): v for kk, v in sorted(sil.items())}
-    ref["k"] = k
-    ref["centroids"] = fit_centroids(X, k, cfg.seed).tolist()
+        ref.silhouette = {str(kk): v for kk, v in sorted(sil.items())}
+    ref.k = k
+    ref.centroids = fit_centroids(X, k, cfg.seed).tolist()
     del X
 
 
-def _pool_tables(cfg: SelectConfig, cols: dict, ref: dict, signals: list[str]) -> None:
+def _pool_tables(cfg: SelectConfig, cols: dict, ref: Reference, signals: list[str]) -> None:
     """Put the pool's percentile tables (and the perplexity band) into the reference, so the
     pool is then scored through the reference exactly as a new sample will be."""
     method = cfg.method
     if method in COMBINED_METHODS:
-        ref["quantiles"] = {s: quantile_table(signal_values(s, cols), s) for s in signals}
+        ref.quantiles = {s: quantile_table(signal_values(s, cols), s) for s in signals}
         if cfg.calibration == "source":
-            ref["quantiles_by_source"] = source_quantile_tables(
+            ref.quantiles_by_source = source_quantile_tables(
                 cols, signals, cfg.calibration_min_rows
             )
-            small = sorted(set(cols["source"].astype(str)) - set(ref["quantiles_by_source"]))
+            small = sorted(set(cols["source"].astype(str)) - set(ref.quantiles_by_source))
             if small:
                 log.info(
                     "sources with fewer than %d rows use pool-wide percentiles: %s",
@@ -289,7 +287,7 @@ def _pool_tables(cfg: SelectConfig, cols: dict, ref: dict, signals: list[str]) -
     if method == "perplexity" and cfg.ppl_band is not None:
         lo, hi = cfg.ppl_band
         finite = cols["nll"][np.isfinite(cols["nll"])]
-        ref["ppl_band"] = {
+        ref.ppl_band = {
             "lo_quantile": lo,
             "hi_quantile": hi,
             "nll_lo": float(np.quantile(finite, lo)),
@@ -323,8 +321,8 @@ def _pick(cfg, score, cluster, sources, budget: int, n_cand: int, warn) -> tuple
 def _record_outcome(ref, manifest, sources, score, cluster, sel, budget: int, n_cand: int) -> None:
     """Cutoffs, budget and counts of the finished selection, into the reference."""
     n = score.size
-    diversity = bool(ref["diversity"])
-    k = ref["k"] or 1
+    diversity = bool(ref.diversity)
+    k = ref.k or 1
     avail = np.bincount(cluster[np.isfinite(score)], minlength=k)
     taken = np.bincount(cluster[sel], minlength=k)
     if diversity:
@@ -334,12 +332,12 @@ def _record_outcome(ref, manifest, sources, score, cluster, sel, budget: int, n_
     else:
         per_cluster = None
     src_names, src_sel = np.unique(sources[sel].astype(str), return_counts=True)
-    ref["cutoffs"] = {
+    ref.cutoffs = {
         "per_cluster": per_cluster,
         "global": float(score[sel].min()) if sel.size else None,
     }
-    ref["budget"] = budget
-    ref["counts"] = {
+    ref.budget = budget
+    ref.counts = {
         "rows_in": manifest["rows_in"],
         "scored": n,
         "rejected": manifest["rejected"],
@@ -439,10 +437,10 @@ def compute_selection(cfg: SelectConfig, scores_dir: str | None = None) -> Selec
     sel, rank = _pick(cfg, score, cluster, cols["source"], budget, n_cand, warn)
 
     _record_outcome(ref, manifest, cols["source"], score, cluster, sel, budget, n_cand)
-    ref["scoring"] = manifest.get("scoring")
-    ref["model_digest"] = manifest.get("model_digest")
-    ref["gates_digest"] = manifest.get("gates_digest")
-    ref["config"] = to_dict(cfg)
+    ref.scoring = manifest.get("scoring")
+    ref.model_digest = manifest.get("model_digest")
+    ref.gates_digest = manifest.get("gates_digest")
+    ref.config = to_dict(cfg)
 
     table = _selection_table(pool, cols, q, score, pct, cluster, rank, sel, diversity)
     lap("rank")
@@ -452,16 +450,16 @@ def compute_selection(cfg: SelectConfig, scores_dir: str | None = None) -> Selec
 # ----------------------------------------------------------------------------- new samples
 
 
-def _sample_columns(samples: Sequence[dict], reference: dict) -> dict:
+def _sample_columns(samples: Sequence[dict], reference: Reference) -> dict:
     """Per-sample stats dicts -> the column arrays the pool was scored from (same dtypes)."""
-    method = reference["method"]
+    method = reference.method
     needs = set()
-    for s in method_signals(method, reference.get("signals") or []):
+    for s in method_signals(method, reference.signals or []):
         needs.add("gate" if s == "gate" else SIGNAL_COLUMNS[s][0])  # the gate vector makes q
     if method == "random":
         needs.add("sample_id")
-    if reference.get("diversity"):
-        needs.add(reference["features"])
+    if reference.diversity:
+        needs.add(reference.features)
     for i, s in enumerate(samples):
         missing = sorted(k for k in needs if k not in s or (k != "ifd" and s[k] is None))
         if missing:
@@ -479,17 +477,17 @@ def _sample_columns(samples: Sequence[dict], reference: dict) -> dict:
         "source": [str(s.get("source")) for s in samples],
     }
     has_gate = all(s.get("gate") is not None for s in samples)
-    stats = ColumnStats.from_dict(reference["stats"])
+    stats = ColumnStats.from_dict(reference.stats)
     if has_gate:
         S = np.asarray([s["gate"] for s in samples], dtype=np.float32)
         cols["gate"] = S
-        cols["q"] = quality_scores(S, stats, reference["tau"], reference["eps"])
+        cols["q"] = quality_scores(S, stats, reference.tau, reference.eps)
     else:
         cols["q"] = np.full(len(samples), np.nan)
     return cols
 
 
-def decide(reference: dict, samples: Sequence[dict]) -> list[dict]:
+def decide(reference: Reference, samples: Sequence[dict]) -> list[dict]:
     """Score new samples and decide, as the pool selection did, whether each would be selected.
 
     ``samples`` are per-sample stats dicts with keys nll, gate (list of L floats), embedding
@@ -511,24 +509,21 @@ def decide(reference: dict, samples: Sequence[dict]) -> list[dict]:
     score, _ = method_scores(cols, reference)
     n = len(samples)
     cluster = np.zeros(n, dtype=np.int32)
-    if reference.get("diversity"):
-        feats = reference["features"]
+    if reference.diversity:
+        feats = reference.features
         X = cols["gate"] if feats == "gate" else np.asarray([s[feats] for s in samples], np.float32)
-        cluster = assign_clusters(normalize_rows(X), np.asarray(reference["centroids"]))
-    cut = reference["cutoffs"]
+        cluster = assign_clusters(normalize_rows(X), np.asarray(reference.centroids))
+    cut = reference.cutoffs
     out = []
     for i in range(n):
-        if reference.get("diversity"):
-            cutoff = cut["per_cluster"][int(cluster[i])]
-        else:
-            cutoff = cut["global"]
+        cutoff = cut["per_cluster"][int(cluster[i])] if reference.diversity else cut["global"]
         s = float(score[i]) if np.isfinite(score[i]) else None
         ok = s is not None and cutoff is not None and s >= cutoff
         out.append(
             {
                 "q": float(cols["q"][i]) if np.isfinite(cols["q"][i]) else None,
                 "score": s,
-                "cluster": int(cluster[i]) if reference.get("diversity") else None,
+                "cluster": int(cluster[i]) if reference.diversity else None,
                 "selected": bool(ok),
                 "margin": s - cutoff if s is not None and cutoff is not None else None,
             }
@@ -558,56 +553,41 @@ def join_corpus(corpus: Sequence[str], sample_ids: Sequence[str]) -> list[dict]:
     return rows
 
 
-def _new_reference(cfg: SelectConfig, signals: list[str], pool) -> dict:
+def _new_reference(cfg: SelectConfig, signals: list[str], pool) -> Reference:
     """The reference's settings part, before the fit (clusters, quantiles) fills it in."""
     combined = cfg.method in COMBINED_METHODS
     diversity = cfg.use_diversity
-    return {
-        "version": REFERENCE_VERSION,
-        "method": cfg.method,
-        "signals": signals if combined else [],
-        "stats": pool.stats.to_dict(),
-        "tau": cfg.tau,
-        "eps": cfg.eps,
-        "seed": cfg.seed,
-        "quantiles": {},
-        "calibration": cfg.calibration if combined else None,
-        "quantiles_by_source": None,
-        "ppl_band": None,
-        "diversity": diversity,
-        "features": cfg.features if diversity else None,
-        "k": None,
-        "silhouette": None,
-        "centroids": None,
-    }
+    return Reference(
+        method=cfg.method,
+        signals=signals if combined else [],
+        stats=pool.stats.to_dict(),
+        tau=cfg.tau,
+        eps=cfg.eps,
+        seed=cfg.seed,
+        calibration=cfg.calibration if combined else None,
+        diversity=diversity,
+        features=cfg.features if diversity else None,
+    )
 
 
-def _exclude_duplicates(dedup_dir: str, sample_ids, score: np.ndarray, ref: dict) -> np.ndarray:
+def _exclude_duplicates(
+    dedup_dir: str, sample_ids, score: np.ndarray, ref: Reference
+) -> np.ndarray:
     """The score with NaN for rows a dedup run removed (they stop being candidates)."""
     kept = pq.read_table(os.path.join(dedup_dir, "kept.parquet"), columns=["sample_id"])
     keep = np.isin(sample_ids, np.asarray(kept.column(0).to_pylist(), dtype=object))
-    ref["dedup"] = {"dir": os.path.abspath(dedup_dir), "excluded": int((~keep).sum())}
+    ref.dedup = {"dir": os.path.abspath(dedup_dir), "excluded": int((~keep).sum())}
     return np.where(keep, score, np.nan)
 
 
-def _json_text(obj) -> str:
-    return json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n"
-
-
-def write_reference(path: str, reference: dict) -> None:
+def write_reference(path: str, reference: Reference) -> None:
     """Write reference.json, atomically."""
-    from qgate.atomic import write_text
-
-    write_text(path, _json_text(reference))
+    reference.save(path)
 
 
-def load_reference(path: str) -> dict:
+def load_reference(path: str) -> Reference:
     """Read a reference.json written by the selection stage."""
-    with _open(path, "rb") as f:
-        ref = json.loads(f.read().decode("utf-8"))
-    if ref.get("version") != REFERENCE_VERSION:
-        raise SelectionError(f"{path}: reference version {ref.get('version')} is not supported")
-    return ref
+    return Reference.load(path)
 
 
 def run_selection(cfg: SelectConfig) -> dict:
@@ -662,21 +642,21 @@ def run_selection(cfg: SelectConfig) -> dict:
         fs.put(local.rstrip("/") + "/", root, recursive=True)
         shutil.rmtree(local, ignore_errors=True)
 
-    cut = ref["cutoffs"]
+    cut = ref.cutoffs
     per = [c for c in (cut["per_cluster"] or []) if c is not None]
     return {
         "output": out_dir,
         "method": cfg.method,
-        "signals": ref["signals"],
-        "rows": ref["counts"]["scored"],
-        "candidates": ref["counts"]["candidates"],
-        "budget": ref["budget"],
-        "selected": ref["counts"]["selected"],
-        "diversity": ref["diversity"],
-        "k": ref["k"],
+        "signals": ref.signals,
+        "rows": ref.counts["scored"],
+        "candidates": ref.counts["candidates"],
+        "budget": ref.budget,
+        "selected": ref.counts["selected"],
+        "diversity": ref.diversity,
+        "k": ref.k,
         "cutoff_global": cut["global"],
         "cutoff_per_cluster_range": [min(per), max(per)] if per else None,
-        "per_source_selected": ref["counts"]["per_source_selected"],
+        "per_source_selected": ref.counts["per_source_selected"],
         "label_metrics": metrics,
         "report": os.path.join(out_dir, "report.html") if report_path else None,
         "warnings": result.warnings,

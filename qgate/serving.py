@@ -61,7 +61,7 @@ def resolve_artifacts(cfg: ServeConfig) -> dict:
 
         with fsspec.open(ref_path, "rb") as f:
             ref_digest = hashlib.sha256(f.read()).hexdigest()[:16]
-        scoring, expected = reference.get("scoring"), reference
+        scoring, expected = reference.scoring, reference.to_dict()
     if not scoring:
         src = ref_path or manifest_path
         raise ValueError(f"{src} has no `scoring` block; re-run the score (and select) stage")

@@ -109,8 +109,8 @@ class QGateModel:
             "dtype": self.s.dtype,
             "reference": art["reference_path"],
             "reference_digest": art["reference_digest"],
-            "method": self.reference["method"] if self.reference else None,
-            "k": self.reference.get("k") if self.reference else None,
+            "method": self.reference.method if self.reference else None,
+            "k": self.reference.k if self.reference else None,
             "scoring": self.s.to_dict(),
             "max_batch_size": cfg.max_batch_size,
         }

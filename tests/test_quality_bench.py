@@ -110,6 +110,7 @@ def test_source_calibration_ranks_each_signal_within_its_source(tmp_path):
     import numpy as np
 
     from qgate.config import SelectConfig
+    from qgate.reference import Reference
     from qgate.selection import compute_selection, decide
 
     scores, rows = _two_source_scores(tmp_path)
@@ -131,9 +132,9 @@ def test_source_calibration_ranks_each_signal_within_its_source(tmp_path):
         m = src == name
         rank = np.argsort(np.argsort(-nll[m])) / (m.sum() - 1)  # low nll ranks high
         assert np.abs(np.asarray(t["pct_perplexity"])[m] - rank).max() < 5e-3
-    assert set(cal.reference["quantiles_by_source"]) == {"easy", "hard"}
+    assert set(cal.reference.quantiles_by_source) == {"easy", "hard"}
 
-    ref = json.loads(json.dumps(cal.reference))  # as reference.json stores it
+    ref = Reference.from_dict(json.loads(cal.reference.to_json()))  # as reference.json stores it
     by_id = {r["sample_id"]: r for r in rows}
     got = decide(ref, [by_id[i] for i in t["sample_id"]])
     assert [g["score"] for g in got] == t["score"]

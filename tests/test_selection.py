@@ -222,7 +222,7 @@ def test_source_quota_holds_and_budget_is_still_met(tmp_path):
     src_sel = np.asarray(quota.table.column("source").to_pylist())[quota.order]
     assert (src_sel == "a").sum() == 30  # floor(0.3 * 100), filled exactly
     assert len(quota.order) == 100
-    assert quota.reference["counts"]["per_source_selected"]["a"] == 30
+    assert quota.reference.counts["per_source_selected"]["a"] == 30
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -332,7 +332,7 @@ def test_decide_agrees_with_pool_selection(tmp_path, kw):
     assert [g["selected"] for g in got] == [r["selected"] for r in t]
     assert [g["score"] for g in got] == [r["score"] for r in t]
     assert [g["q"] for g in got] == [r["q"] for r in t]
-    if ref["diversity"]:
+    if ref.diversity:
         assert [g["cluster"] for g in got] == [r["cluster"] for r in t]
     assert sum(r["selected"] for r in t) == 90
     margins = [g["margin"] for g in got if g["selected"]]
@@ -355,7 +355,7 @@ def test_null_ifd_rows_are_not_candidates_and_all_null_fails(tmp_path):
         s = sel.compute_selection(cfg_for(tmp_path, method="ifd", budget_ratio=1.0))
     t = s.table.to_pylist()
     assert all(not r["selected"] for r in t if r["ifd"] is None)
-    assert s.reference["counts"]["candidates"] == sum(r["ifd"] is not None for r in t)
+    assert s.reference.counts["candidates"] == sum(r["ifd"] is not None for r in t)
     write_pool(tmp_path / "none", n=50, ifd_null=1.0)
     with pytest.raises(sel.SelectionError, match="no scored row has an ifd value"):
         sel.compute_selection(cfg_for(tmp_path / "none", method="worst_rank"))
@@ -539,3 +539,23 @@ def test_report_renders_in_a_real_browser(tmp_path):
     assert probe["images"] == 5 and probe["decoded"] == 5 and probe["errors"] == []
     console = [line for line in p.stderr.splitlines() if "CONSOLE" in line]
     assert not console, console
+
+
+def test_reference_round_trip_and_refusals(tmp_path):
+    """Guards against reference.json losing a field between select and its readers (Serve,
+    extend), or a reader silently accepting another version or a misspelt field."""
+    from qgate.reference import Reference
+
+    write_pool(tmp_path, n=80)
+    sel.run_selection(cfg_for(tmp_path, method="worst_rank", k=2, diversity=True, report=False))
+    path = os.path.join(tmp_path, "selection", "reference.json")
+    ref = sel.load_reference(path)
+    assert ref.method == "worst_rank" and ref.k == 2 and len(ref.centroids) == 2
+    assert Reference.from_dict(json.loads(ref.to_json())) == ref
+    with open(path) as f:
+        assert f.read() == ref.to_json()
+    d = ref.to_dict()
+    with pytest.raises(sel.SelectionError, match="version 2 is not supported"):
+        Reference.from_dict(d | {"version": 2})
+    with pytest.raises(sel.SelectionError, match=r"unknown reference fields \['cutof'\]"):
+        Reference.from_dict(d | {"cutof": {}})
