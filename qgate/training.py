@@ -495,6 +495,7 @@ def fit(
 
     targets = targets or []
     world = cfg.scaling.num_workers
+    _check_fits(stage, world, cfg.scaling.resources_per_worker, ray.cluster_resources().get("CPU"))
     frac = getattr(cfg, "target_fraction", 0.0) if targets else 0.0
     plan = make_plan(cfg, len(rows), len(targets), frac)
     pool = assign_ranks([dict(r, is_target=False) for r in rows], world, cfg.seed)
@@ -552,6 +553,23 @@ def fit(
     }
 
 
+TOKENIZE_CPUS = 0.25
+"""CPUs each Ray Data tokenizing task of a training stage asks for."""
+
+
+def _check_fits(stage: str, world: int, res: dict, cluster_cpus: float) -> None:
+    """Fail fast when the workers would take every CPU: Ray Data's tokenizing tasks, which
+    feed them, would then wait forever (the run would hang, not fail)."""
+    need = world * float(res.get("CPU", 1.0))
+    if cluster_cpus and need + TOKENIZE_CPUS > cluster_cpus:
+        raise ValueError(
+            f"{stage}: {world} worker(s) x {res.get('CPU', 1.0)} CPU take {need:g} of the "
+            f"cluster's {cluster_cpus:g} CPUs, leaving less than the {TOKENIZE_CPUS} CPU that "
+            "tokenizing their rows needs: the run would hang. Lower "
+            "scaling.resources_per_worker.CPU (fractions work) or scaling.num_workers"
+        )
+
+
 def _rank_datasets(cfg: TrainConfig, rows: list[dict], world: int, tokenizer_path) -> dict:
     """One Ray Dataset per rank (``rank_<r>``) of its rows, tokenized by Ray Data tasks."""
     import ray.data
@@ -565,7 +583,7 @@ def _rank_datasets(cfg: TrainConfig, rows: list[dict], world: int, tokenizer_pat
     for r in range(world):
         mine = [{k: row[k] for k in cols} for row in rows if row["rank"] == r]
         datasets[f"rank_{r}"] = ray.data.from_items(mine).map_batches(
-            tokenize_batch, fn_kwargs=kwargs, batch_size=64, num_cpus=0.25
+            tokenize_batch, fn_kwargs=kwargs, batch_size=64, num_cpus=TOKENIZE_CPUS
         )
     return datasets
 

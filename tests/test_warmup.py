@@ -150,3 +150,20 @@ def test_bad_configs_fail_fast(tiny_model, corpus, tmp_path, capsys):
     assert job.main([f"base_model={tmp_path}/enc", f"corpus={corpus['pool']}", *args]) == 2
     assert "not a decoder causal LM" in capsys.readouterr().err
     assert not (tmp_path / "warmup").exists()  # nothing ran
+
+
+def test_workers_that_take_every_cpu_fail_fast(tiny_model, corpus, ray_session, tmp_path):
+    """Guards against a run that hangs forever: workers holding all CPUs starve the Ray Data
+    tokenizing tasks that feed them (the seed-parity config did this on a 2-core box)."""
+    cpus = ray_session.cluster_resources()["CPU"]
+    cfg = _cfg(
+        tiny_model,
+        corpus,
+        tmp_path,
+        "max_steps=2",
+        "scaling.num_workers=2",
+        f"scaling.resources_per_worker={{CPU: {cpus / 2}}}",
+    )
+    with pytest.raises(ValueError, match=r"the run would hang.*resources_per_worker\.CPU"):
+        stage.run(cfg)
+    assert not os.path.exists(os.path.join(tmp_path, "warmup", "qgate.json"))
