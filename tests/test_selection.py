@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from qgate import ranking
+from qgate import budget, ranking
 from qgate import selection as sel
 from qgate.config import SelectConfig
 from qgate.config_io import load_config
@@ -181,13 +181,13 @@ def test_round_robin_matches_hand_worked_example():
     # Round 1: p (c0), m (c1), z (c2). Round 2: q (c0; ties r at 0.7, q < r), n (c1); c2 is
     # exhausted (y has no score). Round 3: r. Budget 6 stops here; s is never reached.
     expected = ["p", "m", "z", "q", "n", "r"]
-    assert sel.round_robin(scores, clusters, ids, 6) == expected
-    assert sel.round_robin(scores[::-1], clusters[::-1], ids[::-1], 6) == expected
+    assert budget.round_robin(scores, clusters, ids, 6) == expected
+    assert budget.round_robin(scores[::-1], clusters[::-1], ids[::-1], 6) == expected
     # A budget above the candidates takes all 7 candidates, never the NaN row.
-    assert sel.round_robin(scores, clusters, ids, 20) == ["p", "m", "z", "q", "n", "r", "s"]
+    assert budget.round_robin(scores, clusters, ids, 20) == ["p", "m", "z", "q", "n", "r", "s"]
     # Quota: source x may hold 0.34 * 6 -> 2 rows; its third row (q) is skipped.
     sources = ["x" if i in ("p", "q", "r") else "y" for i in ids]
-    got = sel.round_robin(scores, clusters, ids, 6, sources, {"x": 0.34})
+    got = budget.round_robin(scores, clusters, ids, 6, sources, {"x": 0.34})
     assert got == ["p", "m", "z", "q", "n", "s"]
 
 
@@ -197,8 +197,8 @@ def test_round_robin_matches_hand_worked_example():
 def test_budget_is_exact_for_ratio_and_count(tmp_path):
     """Guards against off-by-one budgets (rounding, round-robin overshoot) and the
     selected.jsonl count drifting from the selected flags."""
-    assert sel.budget_rows(SelectConfig(budget_ratio=0.25), 10) == 3  # 2.5 rounds half up
-    assert sel.budget_rows(SelectConfig(budget_ratio=0.001), 10) == 1  # at least one
+    assert budget.budget_rows(SelectConfig(budget_ratio=0.25), 10) == 3  # 2.5 rounds half up
+    assert budget.budget_rows(SelectConfig(budget_ratio=0.001), 10) == 1  # at least one
     write_pool(tmp_path, n=203)
     for kw, want in ((dict(budget_ratio=0.25), 51), (dict(budget_count=37), 37)):
         for diversity in (True, False):
