@@ -19,6 +19,7 @@ import json
 import os
 import time
 
+from qgate.atomic import write_json
 from qgate.config import EvaluateConfig, FinetuneConfig, ScoreConfig, SelectConfig, WarmupConfig
 from qgate.config_io import build
 
@@ -112,8 +113,7 @@ def run_demo(run_dir: str, size: dict, seed: int = 0, model: str | None = None) 
     summary = summarize(run_dir, manifest, arms)
     summary["seconds"] = {k: round(v, 1) for k, v in times.items()}
     summary["wall_s"] = round(time.time() - t0, 1)
-    with open(os.path.join(run_dir, "demo_summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json(os.path.join(run_dir, "demo_summary.json"), summary, indent=2)
     print(format_table(summary))
     print(f"\nreport: {summary['report']}\nall artifacts under {run_dir} ({summary['wall_s']}s)")
     return summary

@@ -32,6 +32,7 @@ import time
 
 import yaml
 
+from qgate.atomic import atomic_path, write_text
 from qgate.config import LOCAL_TASK, EvaluateConfig
 from qgate.config_io import to_dict
 
@@ -154,15 +155,13 @@ def write_local_task(
         if old.startswith(f"{name}-") and old.endswith(".jsonl"):
             os.remove(os.path.join(task_dir, old))
     data_file = os.path.join(task_dir, f"{name}-{digest}.jsonl")
-    with open(data_file, "w", encoding="utf-8") as f:
-        f.write(blob)
+    write_text(data_file, blob)
     if not tokenizer.eos_token:
         raise ValueError("the tokenizer has no eos token to stop generation at")
     task = local_task_config(data_file, tokenizer.eos_token, max_gen_toks, chat, name)
     path = os.path.join(task_dir, f"{name}.yaml")
-    with open(path, "w") as f:
-        f.write(f"# written by qgate.evaluation from {os.path.abspath(test_path)}\n")
-        yaml.safe_dump(task, f, sort_keys=False, allow_unicode=True)
+    header = f"# written by qgate.evaluation from {os.path.abspath(test_path)}\n"
+    write_text(path, header + yaml.safe_dump(task, sort_keys=False, allow_unicode=True))
     return path
 
 
@@ -311,8 +310,6 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if cfg.log_samples:
         for name, samples in (out.get("samples") or {}).items():
             _write_samples(os.path.join(out_dir, f"samples_{name}.jsonl"), samples)
-    from qgate.atomic import write_text
-
     write_text(
         os.path.join(out_dir, RESULTS_FILE), json.dumps(results, indent=2, default=str) + "\n"
     )
@@ -357,7 +354,7 @@ def _task_results(out: dict) -> dict:
 
 def _write_samples(path: str, samples: list[dict]) -> None:
     """One line per doc: id, prompt, generation, target and per-doc metrics."""
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for s in samples:
             args = s.get("arguments") or [[None]]
             first = args[0] if isinstance(args, list | tuple) else args
