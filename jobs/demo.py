@@ -119,6 +119,11 @@ def run_demo(run_dir: str, size: dict, seed: int = 0, model: str | None = None) 
     return summary
 
 
+def _suffix(arm: str) -> str:
+    """The run-dir and ledger suffix of an arm: none for the selection, _random for random."""
+    return "" if arm == "selected" else "_random"
+
+
 def _demo_corpus(run_dir: str, size: dict, seed: int) -> dict:
     """The labelled synthetic corpus (pool with 30% noise, target, test, pretrain splits)."""
     from qgate.synthetic import generate_corpus
@@ -213,7 +218,7 @@ def _demo_select(run_dir, seed, model, data) -> dict:
 
     arms = {}
     for arm, method in (("selected", None), ("random", "random")):
-        sel_dir = os.path.join(run_dir, "selection" if arm == "selected" else "selection_random")
+        sel_dir = os.path.join(run_dir, "selection" + _suffix(arm))
         scfg = {"run_dir": run_dir, "corpus": [data["pool"]], "output": sel_dir}
         scfg |= {"budget_ratio": 0.3, "seed": seed}
         if method:
@@ -223,7 +228,7 @@ def _demo_select(run_dir, seed, model, data) -> dict:
             if model and not method
             else build(SelectConfig, scfg)
         )
-        with track(run_dir, "select" if arm == "selected" else "select_random"):
+        with track(run_dir, "select" + _suffix(arm)):
             arms[arm] = {"selection": run_selection(select_cfg), "dir": sel_dir}
     print(
         f"[demo] select: {arms['selected']['selection']['selected']} rows by "
@@ -239,8 +244,8 @@ def _demo_finetune(run_dir, size, seed, model, base, arm: str) -> str:
     from qgate import finetune as ft_job
     from qgate.status import track
 
-    sel_dir = os.path.join(run_dir, "selection" if arm == "selected" else "selection_random")
-    ft_out = os.path.join(run_dir, "finetune" if arm == "selected" else "finetune_random")
+    sel_dir = os.path.join(run_dir, "selection" + _suffix(arm))
+    ft_out = os.path.join(run_dir, "finetune" + _suffix(arm))
     lora = {"r": 16, "alpha": 32.0, "dropout": 0.0}
     lora["target_modules"] = ["all-linear"] if model else ["q_proj", "k_proj", "v_proj", "o_proj"]
     cfg = {"run_dir": run_dir, "seed": seed, "target_model": base, "output": ft_out}
@@ -248,7 +253,7 @@ def _demo_finetune(run_dir, size, seed, model, base, arm: str) -> str:
     cfg |= {"name": f"finetune-{arm}-{os.path.basename(run_dir)}", "lr": 1e-3 if model else 3e-3}
     cfg |= {"max_steps": size["ft_steps"], "batch_size": 8, "max_length": 256}
     cfg |= {"report_every": 20, "checkpoint_every": size["ft_steps"]}
-    with track(run_dir, "finetune" + ("" if arm == "selected" else "_random")):
+    with track(run_dir, "finetune" + _suffix(arm)):
         ft_job.run(build(FinetuneConfig, cfg))
     print(f"[demo] finetune ({arm}): {size['ft_steps']} steps", flush=True)
     return ft_out
@@ -259,10 +264,10 @@ def _demo_evaluate(run_dir, data, base, arm: str, ft_out: str) -> str:
     from qgate.evaluation import evaluate
     from qgate.status import track
 
-    ev_out = os.path.join(run_dir, "eval" if arm == "selected" else "eval_random")
+    ev_out = os.path.join(run_dir, "eval" + _suffix(arm))
     cfg = {"run_dir": run_dir, "model": base, "adapter": os.path.join(ft_out, "adapter")}
     cfg |= {"test_data": data["test"], "output": ev_out, "batch_size": 16, "max_gen_toks": 32}
-    with track(run_dir, "evaluate" + ("" if arm == "selected" else "_random")):
+    with track(run_dir, "evaluate" + _suffix(arm)):
         evaluate(build(EvaluateConfig, cfg))
     results = os.path.join(ev_out, "results.json")
     print(f"[demo] evaluate ({arm}): exact match {_exact_match(results):.3f}", flush=True)

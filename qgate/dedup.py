@@ -323,7 +323,7 @@ def run_dedup(cfg: DedupConfig) -> dict:
     t_cluster = time.time() - t0 - t_sign
     shard_path = np.asarray([s["path"] for s in shards], dtype=object)
     arrays["path"] = shard_path[arrays["shard"]] if n else np.zeros(0, object)
-    _write_outcome(out, arrays, order, rep, code)
+    _write_outcome(out, arrays, rep, code)
     return _finish(cfg, out, shards, paths, n, int((code == 0).sum()), t0, t_sign, t_cluster)
 
 
@@ -350,7 +350,7 @@ def _sign(cfg: DedupConfig, out: str, todo: list[dict], t0: float) -> None:
         print(f"[dedup] signed {rows_done}/{n_rows} rows ({rate:.0f} rows/s)", flush=True)
 
 
-def _write_outcome(out: str, arrays: dict, order, rep, code) -> None:
+def _write_outcome(out: str, arrays: dict, rep, code) -> None:
     """kept.parquet (each cluster's representative, with its cluster size) and the dedup
     rejects file (every other member, with the kept id, its similarity and a reason)."""
     n = rep.shape[0]
@@ -363,7 +363,7 @@ def _write_outcome(out: str, arrays: dict, order, rep, code) -> None:
                 "source": pa.array(arrays["source"][kept], pa.string()),
                 "path": pa.array(arrays["path"][kept], pa.string()),
                 "row_index": pa.array(arrays["row_index"][kept], pa.int64()),
-                "order": pa.array(order[kept], pa.int64()),
+                "order": pa.array(np.flatnonzero(kept), pa.int64()),  # input position
                 "cluster_size": pa.array(sizes[kept], pa.int32()),
             },
             schema=KEPT_SCHEMA,

@@ -18,11 +18,11 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
-from typing import TYPE_CHECKING
 
 import pyarrow.parquet as pq
 
 from qgate.config import ExtendConfig, MinHash, stage_dir
+from qgate.reference import Reference
 from qgate.scores import (
     check_comparable,
     iter_score_batches,
@@ -30,11 +30,8 @@ from qgate.scores import (
     read_manifest,
     score_parts,
 )
-from qgate.selection import decide, join_corpus, load_reference
+from qgate.selection import decide, join_corpus
 from qgate.selection_log import COMMITTED, NOT_SELECTED, SelectionLog, pool_identity
-
-if TYPE_CHECKING:
-    from qgate.reference import Reference
 
 DRIFT_FACTOR = 2.0
 """New rows passing at more than this factor above or below the pool's rate: recalibrate."""
@@ -91,7 +88,7 @@ def read_samples(scores_dirs: list[str], reference: Reference) -> list[dict]:
 
 def run_extend(cfg: ExtendConfig) -> dict:
     """Decide the new scores under the reference and commit the passing rows to the log."""
-    ref = load_reference(cfg.reference_path)
+    ref = Reference.load(cfg.reference_path)
     samples = read_samples(list(cfg.scores), ref)
     decisions = decide(ref, samples) if samples else []
     passing = [i for i, d in enumerate(decisions) if d["selected"]]

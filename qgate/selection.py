@@ -301,6 +301,33 @@ def _selection_table(pool, cols, q, score, pct, cluster, rank, sel, diversity: b
     return pa.table(columns)
 
 
+def _new_reference(cfg: SelectConfig, signals: list[str], pool) -> Reference:
+    """The reference's settings part, before the fit (clusters, quantiles) fills it in."""
+    combined = cfg.method in COMBINED_METHODS
+    diversity = cfg.use_diversity
+    return Reference(
+        method=cfg.method,
+        signals=signals if combined else [],
+        stats=pool.stats.to_dict(),
+        tau=cfg.tau,
+        eps=cfg.eps,
+        seed=cfg.seed,
+        calibration=cfg.calibration if combined else None,
+        diversity=diversity,
+        features=cfg.features if diversity else None,
+    )
+
+
+def _exclude_duplicates(
+    dedup_dir: str, sample_ids, score: np.ndarray, ref: Reference
+) -> np.ndarray:
+    """The score with NaN for rows a dedup run removed (they stop being candidates)."""
+    kept = pq.read_table(os.path.join(dedup_dir, "kept.parquet"), columns=["sample_id"])
+    keep = np.isin(sample_ids, np.asarray(kept.column(0).to_pylist(), dtype=object))
+    ref.dedup = {"dir": os.path.abspath(dedup_dir), "excluded": int((~keep).sum())}
+    return np.where(keep, score, np.nan)
+
+
 def compute_selection(cfg: SelectConfig, scores_dir: str | None = None) -> Selection:
     """Read the scores and select: everything but the corpus join, files and report."""
     scores_dir = scores_dir or cfg.scores or stage_dir(cfg.run_dir, "scores")
@@ -475,43 +502,6 @@ def join_corpus(corpus: Sequence[str], sample_ids: Sequence[str]) -> list[dict]:
     return rows
 
 
-def _new_reference(cfg: SelectConfig, signals: list[str], pool) -> Reference:
-    """The reference's settings part, before the fit (clusters, quantiles) fills it in."""
-    combined = cfg.method in COMBINED_METHODS
-    diversity = cfg.use_diversity
-    return Reference(
-        method=cfg.method,
-        signals=signals if combined else [],
-        stats=pool.stats.to_dict(),
-        tau=cfg.tau,
-        eps=cfg.eps,
-        seed=cfg.seed,
-        calibration=cfg.calibration if combined else None,
-        diversity=diversity,
-        features=cfg.features if diversity else None,
-    )
-
-
-def _exclude_duplicates(
-    dedup_dir: str, sample_ids, score: np.ndarray, ref: Reference
-) -> np.ndarray:
-    """The score with NaN for rows a dedup run removed (they stop being candidates)."""
-    kept = pq.read_table(os.path.join(dedup_dir, "kept.parquet"), columns=["sample_id"])
-    keep = np.isin(sample_ids, np.asarray(kept.column(0).to_pylist(), dtype=object))
-    ref.dedup = {"dir": os.path.abspath(dedup_dir), "excluded": int((~keep).sum())}
-    return np.where(keep, score, np.nan)
-
-
-def write_reference(path: str, reference: Reference) -> None:
-    """Write reference.json, atomically."""
-    reference.save(path)
-
-
-def load_reference(path: str) -> Reference:
-    """Read a reference.json written by the selection stage."""
-    return Reference.load(path)
-
-
 def run_selection(cfg: SelectConfig) -> dict:
     """The selection stage: select, then write selected.jsonl, selection.parquet,
     reference.json and (cfg.report) report.html; returns a summary dict."""
@@ -539,7 +529,7 @@ def run_selection(cfg: SelectConfig) -> dict:
     os.makedirs(local, exist_ok=True)
     data.write_jsonl(os.path.join(local, "selected.jsonl"), rows)
     pq.write_table(table, os.path.join(local, "selection.parquet"))
-    write_reference(os.path.join(local, "reference.json"), ref)
+    ref.save(os.path.join(local, "reference.json"))
 
     labels = report_mod.read_labels(corpus, cfg.label_column)
     metrics = report_mod.label_metrics(table, labels) if labels else None

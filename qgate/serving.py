@@ -34,7 +34,7 @@ def resolve_artifacts(cfg: ServeConfig) -> dict:
     Returns ``{reference, reference_path, reference_digest, scoring, base_model, gates,
     expected_digests}``; raises FileNotFoundError / ValueError naming what is missing.
     """
-    from qgate.selection import load_reference
+    from qgate.reference import Reference
 
     scores_dir = cfg.scores or stage_dir(cfg.run_dir, "scores")
     manifest_path = os.path.join(scores_dir, "_manifest.json")
@@ -56,7 +56,7 @@ def resolve_artifacts(cfg: ServeConfig) -> dict:
                 f"no selection reference at {ref_path}: run `qgate select` first, set reference="
                 " to its reference.json, or set score_only=true to serve scores without decisions"
             )
-        reference = load_reference(ref_path)
+        reference = Reference.load(ref_path)
         import fsspec
 
         with fsspec.open(ref_path, "rb") as f:

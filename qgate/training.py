@@ -348,8 +348,7 @@ def _restore(trainable: dict, optimizer, scheduler) -> tuple[int, list[dict]]:
         return 0, []
     with ckpt.as_directory() as d:
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
-        with open(os.path.join(d, METRICS_FILE)) as f:
-            history = [json.loads(line) for line in f if line.strip()]
+        history = _read_history(os.path.join(d, METRICS_FILE))
     with torch.no_grad():
         for k, p in trainable.items():
             p.copy_(state["trainable"][k])
@@ -600,5 +599,10 @@ def _export(checkpoint, out_dir: str) -> list[dict]:
             else:
                 shutil.copy2(src, dst)
         shutil.copy2(os.path.join(d, METRICS_FILE), os.path.join(out_dir, METRICS_FILE))
-    with open(os.path.join(out_dir, METRICS_FILE)) as f:
+    return _read_history(os.path.join(out_dir, METRICS_FILE))
+
+
+def _read_history(path: str) -> list[dict]:
+    """The metrics.jsonl lines of a run, one dict per report."""
+    with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

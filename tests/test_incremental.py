@@ -154,12 +154,13 @@ def test_extend_adds_what_a_full_reselection_on_the_reference_selects(grown):
     """Guards against the batch path deciding differently from the reference's cutoffs."""
     from qgate.config import ExtendConfig
     from qgate.incremental import read_samples, run_extend
-    from qgate.selection import decide, load_reference
+    from qgate.reference import Reference
+    from qgate.selection import decide
 
     run = grown["run"]
     cfg = ExtendConfig(run_dir=run, scores=[os.path.join(run, "scores_new")])
     s = run_extend(cfg)
-    ref = load_reference(cfg.reference_path)
+    ref = Reference.load(cfg.reference_path)
     # the full re-selection: every row, old and new, decided under the same reference
     everything = read_samples([os.path.join(run, "scores"), os.path.join(run, "scores_new")], ref)
     decisions = decide(ref, everything)

@@ -16,6 +16,7 @@ from qgate import selection as sel
 from qgate.config import SelectConfig
 from qgate.config_io import load_config
 from qgate.data import read_corpus
+from qgate.reference import Reference
 
 L, D = 4, 8
 NOISE = ("gibberish", "loop")
@@ -325,7 +326,7 @@ def test_decide_agrees_with_pool_selection(tmp_path, kw):
     scores, _ = write_pool(tmp_path, n=300)
     cfg = cfg_for(tmp_path, report=False, budget_ratio=0.3, **kw)
     sel.run_selection(cfg)
-    ref = sel.load_reference(os.path.join(tmp_path, "selection", "reference.json"))
+    ref = Reference.load(os.path.join(tmp_path, "selection", "reference.json"))
     t = read_selection(tmp_path).to_pylist()
     stats = pool_samples(scores)
     got = sel.decide(ref, [stats[r["sample_id"]] for r in t])
@@ -343,7 +344,7 @@ def test_decide_rejects_samples_missing_needed_keys(tmp_path):
     """Guards against the endpoint silently scoring a sample without the stats it needs."""
     write_pool(tmp_path, n=80)
     sel.run_selection(cfg_for(tmp_path, method="worst_rank", k=2, report=False))
-    ref = sel.load_reference(os.path.join(tmp_path, "selection", "reference.json"))
+    ref = Reference.load(os.path.join(tmp_path, "selection", "reference.json"))
     with pytest.raises(sel.SelectionError, match=r"lacks \['nll'\]"):
         sel.decide(ref, [{"gate": [0.5] * L, "embedding": [1.0] * D, "ifd": 1.0}])
 
@@ -544,12 +545,10 @@ def test_report_renders_in_a_real_browser(tmp_path):
 def test_reference_round_trip_and_refusals(tmp_path):
     """Guards against reference.json losing a field between select and its readers (Serve,
     extend), or a reader silently accepting another version or a misspelt field."""
-    from qgate.reference import Reference
-
     write_pool(tmp_path, n=80)
     sel.run_selection(cfg_for(tmp_path, method="worst_rank", k=2, diversity=True, report=False))
     path = os.path.join(tmp_path, "selection", "reference.json")
-    ref = sel.load_reference(path)
+    ref = Reference.load(path)
     assert ref.method == "worst_rank" and ref.k == 2 and len(ref.centroids) == 2
     assert Reference.from_dict(json.loads(ref.to_json())) == ref
     with open(path) as f:
