@@ -140,6 +140,46 @@ METHODS = (
             "diversity": False,
         },
     ),
+    # the gate head: a logistic read-out of the contrast gates' layers, fitted on the
+    # warmup's head negatives (qgate/gate_head.py) instead of DESIGN.md's equal weights
+    Method(
+        "gate head",
+        "probe_contrast",
+        {"method": "quality_gate", "gate_score": "head", "diversity": False},
+    ),
+    Method(
+        "worst_rank(gate head,ifd) src",
+        "probe_contrast",
+        {
+            "method": "worst_rank",
+            "signals": ["gate", "ifd"],
+            "gate_score": "head",
+            "calibration": "source",
+            "diversity": False,
+        },
+    ),
+    Method(
+        "worst_rank(gate head,ppl,ifd) src",
+        "probe_contrast",
+        {
+            "method": "worst_rank",
+            "signals": GATE_PPL_IFD,
+            "gate_score": "head",
+            "calibration": "source",
+            "diversity": False,
+        },
+    ),
+    Method(
+        "worst_rank(gate head,ifd)",
+        "probe_contrast",
+        {
+            "method": "worst_rank",
+            "signals": ["gate", "ifd"],
+            "gate_score": "head",
+            "calibration": "pool",
+            "diversity": False,
+        },
+    ),
     Method(
         "rank_mean(contrast gate,ppl,ifd)",
         "probe_contrast",
@@ -235,6 +275,8 @@ class Settings:
     downstream_top: int = 3
     parallel_gates: bool = False
     """Run the gate variants' warmup + scoring side by side (threads) instead of in turn."""
+    head_negatives: int = 1000
+    """Corrupted copies the contrast warmup writes for the gate head (qgate/gate_head.py)."""
     train_cpus: float = 0.5
     threads: int | None = None
     actors: int = 2
@@ -278,6 +320,7 @@ def tiny_settings() -> Settings:
         clean_only=False,
         generalisation=False,
         parallel_gates=True,
+        head_negatives=64,
     )
 
 
@@ -351,6 +394,7 @@ def warmup_and_score(
         batch_size=st.batch_size,
         max_length=st.max_length,
         seed=seed,
+        head_negatives=st.head_negatives if variant.loss == "contrast" else 0,
         scaling=Scaling(num_workers=1, resources_per_worker={"CPU": st.train_cpus}),
         device_threads=st.threads,
         checkpoint_every=st.warmup_steps,
@@ -436,6 +480,18 @@ def select_and_measure(
     return row
 
 
+def _scores_variant(method: Method, runs: dict) -> str | None:
+    """Whose scores a method reads: its own gate variant's; a method that uses no gate signal
+    reads any probe variant's when its own did not run (probe gates leave the base's logits,
+    so nll and IFD are the same); None: skip the method."""
+    if method.gate in runs:
+        return method.gate
+    select = method.select
+    uses_gate = select.get("method") == "quality_gate" or "gate" in select.get("signals", [])
+    probes = [g for g in runs if GATES[g].mode == "probe"]
+    return None if uses_gate or not probes else probes[0]
+
+
 def run_condition(
     name: str,
     corpus: dict,
@@ -476,12 +532,13 @@ def run_condition(
     pool_targets = sum(f in targets for f in family.values()) / len(family)
     rows, k_cache = [], {}
     for method in METHODS:
-        if method.gate not in gates:
+        gate = _scores_variant(method, runs)
+        if gate is None:
             continue
         r = select_and_measure(
-            method, runs[method.gate]["scores"], corpus, budgets, labels, family, targets, k_cache
+            method, runs[gate]["scores"], corpus, budgets, labels, family, targets, k_cache
         )
-        r["warmup_s"], r["score_s"] = runs[method.gate]["warmup_s"], runs[method.gate]["score_s"]
+        r["warmup_s"], r["score_s"] = runs[gate]["warmup_s"], runs[gate]["score_s"]
         rows.append(r)
         top = r["budgets"][str(budgets[-1])]
         print(
@@ -508,6 +565,7 @@ DEDUP_METHODS = (
     "ifd",
     "worst_rank(ppl,ifd) src",
     "worst_rank(contrast gate,ppl,ifd) src",
+    "worst_rank(gate head,ifd) src",
 )
 """The methods whose selections are measured with and without dedup."""
 
@@ -546,7 +604,7 @@ def dedup_effect(cond: dict, corpus: dict, out: str, budget: float) -> dict:
     names = {r["method"] for r in cond["rows"]}
     for name in (n for n in DEDUP_METHODS if n in names):
         method = next(x for x in METHODS if x.name == name)
-        scores = cond["runs"][method.gate]["scores"]
+        scores = cond["runs"][_scores_variant(method, cond["runs"])]["scores"]
         per = {}
         for variant, extra in (("without", {}), ("with", {"dedup": dd})):
             cfg = SelectConfig(
@@ -727,21 +785,23 @@ def run_downstream(
     budget: float,
     seeds: list[int],
     methods: list[str] | None = None,
+    reference_arms: bool = True,
 ) -> dict:
-    """Finetune + exact match for the best methods (or ``methods``), random and the full
-    pool, per seed."""
+    """Finetune + exact match for the best methods (or ``methods``), and (``reference_arms``)
+    random and the full pool, per seed."""
     from qgate.config import SelectConfig
     from qgate.selection import run_selection
 
     base = cond["base"]
     default = default_method_name()
     names = methods or pick_downstream(cond["rows"], budget, st.downstream_top, default)
-    names = [*(n for n in names if n != "random"), "random"]
+    if reference_arms:
+        names = [*(n for n in names if n != "random"), "random", "full pool"]
     by_name = {r["method"]: r for r in cond["rows"]}
-    print(f"\n=== downstream at {budget:g}: {names} + full pool, seeds {seeds}", flush=True)
+    print(f"\n=== downstream at {budget:g}: {names}, seeds {seeds}", flush=True)
     results: dict = {"budget": budget, "seeds": seeds, "methods": {}}
     results["base_exact_match"] = base_exact_match(base, corpus["test"], out, st)
-    for name in [*names, "full pool"]:
+    for name in names:
         if name == "full pool":
             # every scored row (the score stage rejects a few rows finetune would refuse too)
             m, ratio, noise = Method(name, "probe_linear", {"method": "random"}), 1.0, None
@@ -750,7 +810,7 @@ def run_downstream(
             noise = by_name[name]["budgets"][str(budget)]["noise_share"]
         sel_dir = os.path.join(out, "selections", _slug(name))
         cfg = SelectConfig(
-            scores=cond["runs"][m.gate]["scores"],
+            scores=cond["runs"][_scores_variant(m, cond["runs"])]["scores"],
             corpus=[corpus["pool"]],
             output=sel_dir,
             budget_ratio=ratio,
@@ -936,6 +996,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " plus the package default); random and the full pool are always added",
     )
     ap.add_argument(
+        "--no-reference-arms",
+        action="store_true",
+        help="with --downstream-from: finetune only --downstream-methods (which may name"
+        " random), not random and the full pool added to them",
+    )
+    ap.add_argument(
+        "--gates",
+        nargs="+",
+        choices=list(GATES),
+        help="train only these gate variants (methods that use no gate read any probe"
+        " variant's scores)",
+    )
+    ap.add_argument(
         "--base-model",
         help="a real pretrained HF model dir (e.g. from `qgate import-model smollm2`) used as "
         "the base instead of the stand-ins: no pretraining, one 'real' condition per corpus",
@@ -1000,6 +1073,7 @@ def run_downstream_only(args, argv, st: Settings, budget: float) -> int:
         budget,
         args.seeds,
         args.downstream_methods,
+        not args.no_reference_arms,
     )
     wall = time.perf_counter() - t0
     text = "\n".join(
@@ -1056,6 +1130,8 @@ def run(args, argv, st: Settings, downstream: bool, budgets: list[float]) -> int
             bases = build_bases(corpus, cdir, st, clock, seed)
         for cname, base in bases.items():
             gates = {"realistic": tuple(GATES), "real": REAL_GATES}.get(cname, CLEAN_ONLY_GATES)
+            if args.gates:
+                gates = tuple(g for g in gates if g in args.gates)
             name = f"{tag} {cname}"
             cond = clock.run(
                 f"selection {name}",

@@ -59,7 +59,7 @@ sizes), for the "whole job on the demo's pool, start-up included, against (d)" r
 measured length distribution is printed. The methods' stats are cross-checked (max
 |difference| of nll and gate within a dtype) and, with two dtypes, (c)'s fp32 and bf16 scores
 of the same rows are compared: max |d nll|, Spearman of nll, max |d gate|, Spearman of the
-per-sample mean gate and of q (qgate.selection.quality_scores), and the overlap of the
+per-sample mean gate and of q (qgate.ranking.quality_scores), and the overlap of the
 lowest-nll 30% and of the highest-q 30%.
 
 Driver cost (skip with ``--skip-memory``; ``--memory-only`` runs nothing else): for each of

@@ -316,8 +316,11 @@ def scoring_dtype(cfg: ScoreConfig) -> str:
     return dtype_name(resolve_dtype(cfg.dtype, resolve_device(cfg.device)))
 
 
-def run_scoring(cfg: ScoreConfig, fault: dict | None = None) -> dict:
+def run_scoring(cfg: ScoreConfig, fault: dict | None = None, head_negatives: bool = True) -> dict:
     """Score the corpus into RUN/scores (or cfg.output); resumable; returns the manifest.
+
+    With ``head_negatives`` the gates' head negatives, if the warmup wrote any, are scored
+    too (into OUT/head_negatives, before the manifest that marks the scores complete).
 
     ``fault`` is for tests only: ``{exit_after: N, marker: PATH}`` makes a scoring actor
     exit once on its N-th shard; ``{stop_after_shards: N}`` stops the driver after N shards.
@@ -345,12 +348,40 @@ def run_scoring(cfg: ScoreConfig, fault: dict | None = None) -> dict:
     )
     if todo:
         _run_pipeline(cfg, gates, todo, expected, out, settings, fault or {})
+    negatives = _score_head_negatives(cfg, gates, out) if head_negatives else None
     manifest = _manifest(cfg, gates, out, shards, expected, plan, bool(todo), t0)
     manifest |= {"inputs": paths, "started_at": started}
+    if negatives:
+        manifest["head_negatives"] = negatives
     manifest["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     write_json(os.path.join(out, MANIFEST_FILE), manifest)
     manifest["output"] = out
     return manifest
+
+
+def _score_head_negatives(cfg: ScoreConfig, gates: str | None, out: str) -> dict | None:
+    """Score the gates' head negatives (the warmup's corrupted copies, qgate/gate_head.py)
+    into OUT/head_negatives, the gate columns being what the head is fitted on; resumable
+    like the corpus. None when the gates carry no such file."""
+    import dataclasses
+
+    from qgate.gate_head import NEGATIVES_DIR, NEGATIVES_FILE
+
+    path = os.path.join(gates, NEGATIVES_FILE) if gates else None
+    if path is None or not os.path.isfile(path):
+        return None
+    sub = dataclasses.replace(
+        cfg,
+        gates=gates,
+        corpus=[path],
+        output=os.path.join(out, NEGATIVES_DIR),
+        ifd=False,
+        dedup=None,
+        minhash=None,
+    )
+    print(f"[score] the gate head's negatives: {path}", flush=True)
+    m = run_scoring(sub, head_negatives=False)
+    return {"dir": NEGATIVES_DIR, "scored": m["scored"], "rejected": m["rejected"]}
 
 
 def _warmup_gates(cfg: ScoreConfig) -> str | None:

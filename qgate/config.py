@@ -170,6 +170,10 @@ class WarmupConfig(TrainConfig):
     """contrast: token-weight exponent; use the score stage's alpha."""
     gate_bias: bool = True
     """Gates with a bias (False: the original project's Linear(hidden, 1, bias=False))."""
+    head_negatives: int = 0
+    """Corrupted copies of this many warmup rows (another seed than contrast's) written
+    beside the gates, for the score stage to score and a selection with ``gate_score: head``
+    to fit the gate head on (qgate/gate_head.py); 0: none."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -178,14 +182,16 @@ class WarmupConfig(TrainConfig):
         _check(0 < self.subset_ratio <= 1, "subset_ratio", "must be in (0, 1]")
         _check(0 <= self.balance <= 2, "balance", "must be in [0, 2]")
         _check(0 < self.target_fraction < 1, "target_fraction", "must be in (0, 1)")
+        _check(self.head_negatives >= 0, "head_negatives", "must be >= 0")
         if self.loss == "target_balanced":
             _check(bool(self.target), "target", "is required when loss=target_balanced")
         from qgate.corruption import CORRUPTIONS
 
         bad = [c for c in self.corruptions if c not in CORRUPTIONS]
         _check(not bad, "corruptions", f"unknown {bad}; choose from {list(CORRUPTIONS)}")
+        if self.loss == "contrast" or self.head_negatives:
+            _check(bool(self.corruptions), "corruptions", "negatives need at least one kind")
         if self.loss == "contrast":
-            _check(bool(self.corruptions), "corruptions", "contrast needs at least one kind")
             _check(self.mode == "probe", "mode", "contrast trains probe gates (mode=probe)")
 
 
@@ -397,6 +403,10 @@ class SelectConfig:
     """Rows to select; wins over budget_ratio."""
     source_quotas: dict[str, float] | None = None
     """Max share of the budget per source (e.g. {web: 0.5})."""
+    gate_score: Literal["formula", "head"] = "formula"
+    """How the gate signal q is made from the per-layer gate scores: DESIGN.md's formula
+    (equal layer weights), or the gate head fitted on the warmup's head negatives
+    (qgate/gate_head.py; needs gates warmed up with head_negatives > 0)."""
     tau: float = 0.0
     eps: float = 1e-8
     ppl_band: list[float] | None = None

@@ -107,6 +107,17 @@ def quality_scores(S, stats: ColumnStats, tau: float = 0.0, eps: float = 1e-8) -
     return acc / L
 
 
+def gate_quality(S, reference: Reference) -> np.ndarray:
+    """q of each row of S under a reference: the gate head's value when the selection fitted
+    one (``gate_score: head``, qgate/gate_head.py), else DESIGN.md's q (:func:`quality_scores`)."""
+    if reference.gate_head is not None:
+        from qgate.gate_head import GateHead
+
+        return GateHead.from_dict(reference.gate_head).score(S)
+    stats = ColumnStats.from_dict(reference.stats)
+    return quality_scores(S, stats, reference.tau, reference.eps)
+
+
 # ----------------------------------------------------------------------------- signals, methods
 
 

@@ -54,13 +54,16 @@ class Reference:
     gates_digest: str | None = None
     config: dict | None = None
     dedup: dict | None = None
+    gate_head: dict | None = None
+    """With ``gate_score: head``: the fitted gate head q is computed from (qgate.gate_head)."""
     version: int = REFERENCE_VERSION
 
     def to_dict(self) -> dict:
-        """Plain dict for reference.json (``dedup`` only when a dedup run was used)."""
+        """Plain dict for reference.json (``dedup`` and ``gate_head`` only when used)."""
         d = dataclasses.asdict(self)
-        if d["dedup"] is None:
-            del d["dedup"]
+        for key in ("dedup", "gate_head"):
+            if d[key] is None:
+                del d[key]
         return d
 
     @classmethod

@@ -6,14 +6,15 @@ over pyarrow record batches, so the corpus never has to fit in one process:
 1. scalars (sample_id, source, nll, ifd, n_loss_tokens) and the streaming column stats of
    the gate matrix S: ``a_l = min``, ``b_l = max``, ``mu_l = mean`` (:func:`column_stats`);
 2. with diversity: the features of a seeded sample of rows, to fit k-means on;
-3. per batch: ``q`` (:func:`quality_scores`) and the cluster of every row.
+3. per batch: ``q`` (:func:`gate_quality`: DESIGN.md's formula, or the gate head) and the
+   cluster of every row.
 
 Every method turns per-sample values into one score where higher is better; a row without a
 score (null IFD, outside the perplexity band) is never a candidate. Rows are then taken by
 round-robin over clusters (or by global rank) until the budget is met.
 
 ``reference.json`` holds everything needed to score and decide on a new sample exactly as the
-pool was: :func:`decide` runs the same functions (``quality_scores``, ``percentiles``,
+pool was: :func:`decide` runs the same functions (``gate_quality``, ``percentiles``,
 ``method_scores``, ``assign_clusters``) on new samples that the pool went through.
 
 Everything here is numpy/pyarrow/scikit-learn: no Ray and no torch.
@@ -40,14 +41,15 @@ from qgate.budget import budget_rows, quota_cap, round_robin_rows
 from qgate.clustering import assign_clusters, choose_k, fit_centroids, normalize_rows
 from qgate.config import SelectConfig, stage_dir
 from qgate.config_io import to_dict
+from qgate.gate_head import head_from_scores
 from qgate.ranking import (
     COMBINED_METHODS,
     SIGNAL_COLUMNS,
     ColumnStats,
     StatsAccumulator,
+    gate_quality,
     method_scores,
     method_signals,
-    quality_scores,
     quantile_table,
     signal_values,
     source_quantile_tables,
@@ -155,13 +157,12 @@ def _score_and_assign(parts, pool: _Pool, ref: Reference, features: str | None):
     n = pool.order.size
     q = np.empty(n, dtype=np.float64)
     cluster = np.zeros(n, dtype=np.int32)
-    stats = ColumnStats.from_dict(ref.stats)
     columns = ("gate",) if features in (None, "gate") else ("gate", features)
     C = np.asarray(ref.centroids, dtype=np.float64) if features else None
     for start, batch in iter_score_batches(parts, columns):
         pos = pool.inv[start : start + batch.num_rows]
         S = list_matrix(batch.column("gate"), "gate")
-        q[pos] = quality_scores(S, stats, ref.tau, ref.eps)
+        q[pos] = gate_quality(S, ref)
         if features:
             X = S if features == "gate" else list_matrix(batch.column(features), features)
             cluster[pos] = assign_clusters(normalize_rows(X), C)
@@ -364,6 +365,8 @@ def compute_selection(cfg: SelectConfig, scores_dir: str | None = None) -> Selec
         )
 
     ref = _new_reference(cfg, signals, pool)
+    if cfg.gate_score == "head":
+        ref.gate_head = head_from_scores(scores_dir, parts).to_dict()
 
     if diversity:
         _fit_diversity(cfg, parts, pool, ref, warn)
@@ -426,11 +429,10 @@ def _sample_columns(samples: Sequence[dict], reference: Reference) -> dict:
         "source": [str(s.get("source")) for s in samples],
     }
     has_gate = all(s.get("gate") is not None for s in samples)
-    stats = ColumnStats.from_dict(reference.stats)
     if has_gate:
         S = np.asarray([s["gate"] for s in samples], dtype=np.float32)
         cols["gate"] = S
-        cols["q"] = quality_scores(S, stats, reference.tau, reference.eps)
+        cols["q"] = gate_quality(S, reference)
     else:
         cols["q"] = np.full(len(samples), np.nan)
     return cols

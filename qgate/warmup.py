@@ -7,9 +7,12 @@ the gates (``qgate.json`` + ``gates.safetensors``), metrics.jsonl and config.yam
 
 from __future__ import annotations
 
+import json
+import os
 import random
 
 from qgate import cluster
+from qgate.atomic import write_text
 from qgate.config import WarmupConfig, stage_dir
 from qgate.config_io import write_config
 from qgate.data import expand_paths, read_corpus
@@ -52,5 +55,30 @@ def run(cfg: WarmupConfig, fault: dict | None = None) -> dict:
     summary = fit(
         "warmup", cfg, rows, targets, tokenizer_path=resolve_base(cfg.base_model), fault=fault
     )
-    write_config(cfg, stage_dir(cfg.run_dir, "warmup"))
+    out = stage_dir(cfg.run_dir, "warmup")
+    if cfg.head_negatives:
+        summary["head_negatives"] = write_head_negatives(cfg, rows, out)
+    write_config(cfg, out)
     return summary
+
+
+def write_head_negatives(cfg: WarmupConfig, rows: list[dict], out: str) -> int:
+    """Write corrupted copies of a seeded sample of the warmup rows to OUT/head_negatives.jsonl,
+    for the gate head (qgate/gate_head.py); returns how many. Their seed differs from the
+    contrast loss's, so the head is fitted on copies the gates did not train on."""
+    from qgate.corruption import make_negatives
+    from qgate.gate_head import NEGATIVES_FILE
+
+    rng = random.Random(f"head-negatives-{cfg.seed}")
+    sample = rng.sample(rows, min(cfg.head_negatives, len(rows)))
+    negatives = make_negatives(sample, cfg.corruptions, seed=cfg.seed + 1)
+    text = "".join(
+        json.dumps(
+            {"id": r["sample_id"], "source": r["source"], "messages": r["messages"]},
+            ensure_ascii=False,
+        )
+        + "\n"
+        for r in negatives
+    )
+    write_text(os.path.join(out, NEGATIVES_FILE), text)
+    return len(negatives)

@@ -63,7 +63,7 @@ def contrast_run(tiny_model, corpus, ray_session, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("contrast")
     args = [f"base_model={tiny_model}", f"corpus={corpus['pool']}", f"run_dir={run_dir}"]
     args += SMALL + ["loss=contrast", "target_fraction=0.5", "max_steps=40"]
-    args += ["report_every=10", "checkpoint_every=40", "gate_bias=false"]
+    args += ["report_every=10", "checkpoint_every=40", "gate_bias=false", "head_negatives=24"]
     cfg = load_config(WarmupConfig, None, args)
     return cfg, stage.run(cfg)
 
@@ -117,3 +117,40 @@ def test_contrast_config_checks(tiny_model, corpus, tmp_path):
         load_config(WarmupConfig, None, base + ["loss=contrast", "corruptions=[typo]"])
     with pytest.raises(ConfigError, match="mode"):
         load_config(WarmupConfig, None, base + ["loss=contrast", "mode=mix"])
+
+
+def test_head_negatives_are_written_scored_and_fit_a_head(contrast_run, tiny_model, corpus):
+    """Guards against the gate head's chain breaking between stages: the warmup writes its
+    corrupted copies beside the gates, the score stage scores them (gate columns, no IFD)
+    before it marks the scores complete, and a selection with gate_score: head fits on them
+    and records the head in reference.json."""
+    import json
+
+    from qgate.batch_scoring import run_scoring
+    from qgate.config import ScoreConfig, SelectConfig
+    from qgate.gate_head import NEGATIVES_DIR, NEGATIVES_FILE, GateHead
+    from qgate.reference import Reference
+    from qgate.selection import run_selection
+
+    cfg, summary = contrast_run
+    gates = os.path.join(cfg.run_dir, "warmup")
+    with open(os.path.join(gates, NEGATIVES_FILE)) as f:
+        negatives = [json.loads(line) for line in f]
+    real = {r["sample_id"]: r for r in read_corpus(corpus["pool"])[0]}
+    assert summary["head_negatives"] == len(negatives) == 24
+    for n in negatives:  # a copy of a pool row with only its answer changed
+        origin, kind = n["id"].rsplit("~", 1)
+        assert kind in CORRUPTIONS and n["messages"][:-1] == real[origin]["messages"][:-1]
+        assert n["messages"][-1] != real[origin]["messages"][-1]
+    common = [f"base_model={tiny_model}", f"corpus=[{corpus['pool']}]", f"run_dir={cfg.run_dir}"]
+    m = run_scoring(load_config(ScoreConfig, None, common + ["max_length=96"]))
+    assert m["head_negatives"] == {"dir": NEGATIVES_DIR, "scored": 24, "rejected": 0}
+    neg = os.path.join(m["output"], NEGATIVES_DIR)
+    with open(os.path.join(neg, "_manifest.json")) as f:
+        assert json.load(f)["scoring"]["ifd"] is False
+    sel = [f"corpus=[{corpus['pool']}]", f"run_dir={cfg.run_dir}", "report=false"]
+    sel += ["method=worst_rank", "signals=[gate, ifd]", "gate_score=head"]
+    run_selection(load_config(SelectConfig, None, sel))
+    ref = Reference.load(os.path.join(cfg.run_dir, "selection", "reference.json"))
+    head = GateHead.from_dict(ref.gate_head)
+    assert head.n_real == head.n_negative == 24 and head.coef.shape == (2,)

@@ -249,6 +249,7 @@ def test_pipeline_runs_on_imported_model(smollm2_dir, corpus, ray_session, tmp_p
     common = [f"base_model={smollm2_dir}", f"corpus=[{pool}]", f"run_dir={run}"]
     warm = common + ["max_length=64", "batch_size=4", "max_steps=3", "scaling.num_workers=1"]
     warm += ["loss=contrast", "target_fraction=0.5", "checkpoint_every=3", "report_every=1"]
+    warm += ["head_negatives=24"]
     summary = warmup_job.run(load_config(WarmupConfig, None, warm))
     assert summary["steps"] == 3 and summary["last"]["quality_loss"] > 0
     score = common + ["max_length=64", "batch_tokens=1024", "rows_per_shard=12"]
@@ -257,11 +258,13 @@ def test_pipeline_runs_on_imported_model(smollm2_dir, corpus, ray_session, tmp_p
     part = pq.read_table(os.path.join(run, "scores", "part-00000-000000.parquet"))
     assert part.schema.field("gate").type.list_size == 30
     assert part.schema.field("embedding").type.list_size == 576
+    assert m["head_negatives"]["scored"] + m["head_negatives"]["rejected"] == 24
     sel = load_config(
         SelectConfig,
         None,
         [f"corpus=[{pool}]", f"run_dir={run}", "budget_count=10", "report=false"]
-        + ["method=worst_rank", "signals=[gate, perplexity, ifd]", "calibration=pool"],
+        + ["method=worst_rank", "signals=[gate, perplexity, ifd]", "calibration=pool"]
+        + ["gate_score=head"],
     )
     result = run_selection(sel)
     with open(os.path.join(run, "selection", "selected.jsonl")) as f:
