@@ -424,6 +424,18 @@ def _dropped_html(reference: Reference, rejects: list[dict]) -> list[str]:
     return parts
 
 
+def _gate_score_line(reference: Reference) -> str:
+    """How q was made: DESIGN.md's formula, or the gate head and how well it told the real
+    rows from their corrupted copies (a head near 0.5 learned nothing from its negatives)."""
+    head = reference.gate_head
+    if head is None:
+        return "formula (equal layer weights)"
+    return (
+        f"gate head, fitted on {head['n_real']} real rows and {head['n_negative']} corrupted"
+        f" copies; real vs corrupted AUROC {head['auroc']:.3f}"
+    )
+
+
 def write_report(
     out_dir: str,
     selection_table: pa.Table,
@@ -445,6 +457,7 @@ def write_report(
     summary = [
         ("method", reference.method),
         ("signals", ", ".join(reference.signals) or None),
+        ("gate score", _gate_score_line(reference)),
         ("scored rows", counts["scored"]),
         ("rejected at scoring", counts["rejected"]),
         ("candidates", counts["candidates"]),

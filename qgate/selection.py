@@ -571,6 +571,8 @@ def run_selection(cfg: SelectConfig) -> dict:
         "cutoff_global": cut["global"],
         "cutoff_per_cluster_range": [min(per), max(per)] if per else None,
         "per_source_selected": ref.counts["per_source_selected"],
+        "gate_head": ref.gate_head
+        and {k: ref.gate_head[k] for k in ("n_real", "n_negative", "auroc")},
         "label_metrics": metrics,
         "report": os.path.join(out_dir, "report.html") if report_path else None,
         "warnings": result.warnings,

@@ -100,7 +100,9 @@ def test_selection_with_the_head_matches_decide_and_refuses_without_negatives(tm
     ):
         sel.run_selection(cfg_for(tmp_path, **kw))
     _write_negatives(scores, 60, np.random.default_rng(3))
-    sel.run_selection(cfg_for(tmp_path, **kw))
+    sel.run_selection(cfg_for(tmp_path, **(kw | {"report": True})))
+    with open(os.path.join(tmp_path, "selection", "report.html")) as f:
+        assert "gate head, fitted on 60 real rows and 60 corrupted copies" in f.read()
     ref = Reference.load(os.path.join(tmp_path, "selection", "reference.json"))
     head = GateHead.from_dict(ref.gate_head)
     assert head.n_real == head.n_negative == 60 and head.coef[0] < 0
