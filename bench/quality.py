@@ -777,6 +777,11 @@ def pick_downstream(rows: list[dict], budget: float, top: int, default: str | No
     return names
 
 
+REDRAWN = "random, redrawn per seed"
+"""A downstream-only arm: random at the budget, the selection's seed following the finetune
+seed, so its spread includes the draw of the rows (the other arms keep one selection)."""
+
+
 def run_downstream(
     cond: dict,
     corpus: dict,
@@ -789,9 +794,6 @@ def run_downstream(
 ) -> dict:
     """Finetune + exact match for the best methods (or ``methods``), and (``reference_arms``)
     random and the full pool, per seed."""
-    from qgate.config import SelectConfig
-    from qgate.selection import run_selection
-
     base = cond["base"]
     default = default_method_name()
     names = methods or pick_downstream(cond["rows"], budget, st.downstream_top, default)
@@ -802,29 +804,24 @@ def run_downstream(
     results: dict = {"budget": budget, "seeds": seeds, "methods": {}}
     results["base_exact_match"] = base_exact_match(base, corpus["test"], out, st)
     for name in names:
+        redraw = name == REDRAWN
         if name == "full pool":
             # every scored row (the score stage rejects a few rows finetune would refuse too)
             m, ratio, noise = Method(name, "probe_linear", {"method": "random"}), 1.0, None
+        elif redraw:  # random, with the selection seed following the finetune seed
+            m, ratio, noise = Method(name, "probe_linear", {"method": "random"}), budget, None
         else:
             m, ratio = next(m for m in METHODS if m.name == name), budget
             noise = by_name[name]["budgets"][str(budget)]["noise_share"]
-        sel_dir = os.path.join(out, "selections", _slug(name))
-        cfg = SelectConfig(
-            scores=cond["runs"][_scores_variant(m, cond["runs"])]["scores"],
-            corpus=[corpus["pool"]],
-            output=sel_dir,
-            budget_ratio=ratio,
-            report=False,
-            **m.select,
-        )
-        s = run_selection(cfg)
-        data, n_rows = os.path.join(sel_dir, "selected.jsonl"), s["selected"]
-        if noise is None:
-            noise = s["label_metrics"]["noise_share_selected"]
-        per_seed = []
+
+        s = None if redraw else _select_arm(cond, corpus, out, m, ratio, None)
+        per_seed, noises = [], []
         for seed in seeds:
+            if redraw:
+                s = _select_arm(cond, corpus, out, m, ratio, seed)
+            noises.append(s["label_metrics"]["noise_share_selected"])
             run_dir = os.path.join(out, "finetune", f"{_slug(name)}-s{seed}")
-            per_seed.append(finetune_and_eval(data, base, corpus["test"], run_dir, st, seed))
+            per_seed.append(finetune_and_eval(s["data"], base, corpus["test"], run_dir, st, seed))
             print(
                 f"[downstream] {name:32s} seed {seed}: EM {per_seed[-1]['exact_match']:.3f} "
                 f"(finetune {per_seed[-1]['finetune_s']:.0f}s, eval {per_seed[-1]['eval_s']:.0f}s)",
@@ -832,14 +829,35 @@ def run_downstream(
             )
         ems = [p["exact_match"] for p in per_seed]
         results["methods"][name] = {
-            "rows": n_rows,
-            "noise_share": noise,
+            "rows": s["selected"],
+            "noise_share": noise if noise is not None else sum(noises) / len(noises),
             "per_seed": per_seed,
             "mean": sum(ems) / len(ems),
             "min": min(ems),
             "max": max(ems),
         }
     return results
+
+
+def _select_arm(cond: dict, corpus: dict, out: str, m: Method, ratio: float, seed: int | None):
+    """One downstream arm's selection (``seed``: the selection's own seed, for a redrawn
+    arm); returns run_selection's summary with ``data``, the selected rows' JSONL."""
+    from qgate.config import SelectConfig
+    from qgate.selection import run_selection
+
+    sel_dir = os.path.join(out, "selections", _slug(m.name) + ("" if seed is None else f"-s{seed}"))
+    cfg = SelectConfig(
+        scores=cond["runs"][_scores_variant(m, cond["runs"])]["scores"],
+        corpus=[corpus["pool"]],
+        output=sel_dir,
+        budget_ratio=ratio,
+        report=False,
+        **m.select,
+        **({} if seed is None else {"seed": seed}),
+    )
+    summary = run_selection(cfg)
+    summary["data"] = os.path.join(sel_dir, "selected.jsonl")
+    return summary
 
 
 def _slug(name: str) -> str:
@@ -993,7 +1011,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--downstream-methods",
         nargs="+",
         help="the selection methods finetuned downstream (default: the best few by noise share,"
-        " plus the package default); random and the full pool are always added",
+        f" plus the package default); random and the full pool are always added; {REDRAWN!r}"
+        " redraws random's rows for every seed",
     )
     ap.add_argument(
         "--no-reference-arms",
