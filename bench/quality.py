@@ -805,15 +805,14 @@ def run_downstream(
     results["base_exact_match"] = base_exact_match(base, corpus["test"], out, st)
     for name in names:
         redraw = name == REDRAWN
-        if name == "full pool":
-            # every scored row (the score stage rejects a few rows finetune would refuse too)
-            m, ratio, noise = Method(name, "probe_linear", {"method": "random"}), 1.0, None
-        elif redraw:  # random, with the selection seed following the finetune seed
-            m, ratio, noise = Method(name, "probe_linear", {"method": "random"}), budget, None
+        if name in ("full pool", REDRAWN):
+            # the full pool: every scored row (the score stage rejects a few rows finetune
+            # would refuse too); REDRAWN: random at the budget, drawn again for every seed
+            m, noise = Method(name, "probe_linear", {"method": "random"}), None
+            ratio = 1.0 if name == "full pool" else budget
         else:
             m, ratio = next(m for m in METHODS if m.name == name), budget
             noise = by_name[name]["budgets"][str(budget)]["noise_share"]
-
         s = None if redraw else _select_arm(cond, corpus, out, m, ratio, None)
         per_seed, noises = [], []
         for seed in seeds:

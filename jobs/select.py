@@ -24,12 +24,8 @@ def print_summary(s: dict) -> None:
     div = f"k={s['k']}" if s["diversity"] else "no diversity"
     over = f" over {s['signals']}" if s["signals"] else ""
     print(f"method: {s['method']}{over}; {div}")
-    if s.get("gate_head"):
-        h = s["gate_head"]
-        print(
-            f"gate head: fitted on {h['n_real']} real rows and {h['n_negative']} corrupted copies"
-            f" (real vs corrupted AUROC {h['auroc']:.3f})"
-        )
+    if s["gate_score"]:
+        print(f"gate score: {s['gate_score']}")
     cuts = f"global cutoff {s['cutoff_global']:.6g}"
     if s["cutoff_per_cluster_range"]:
         lo, hi = s["cutoff_per_cluster_range"]

@@ -84,6 +84,18 @@ class GateHead:
         )
 
 
+def describe_gate_score(head: dict | None) -> str:
+    """How a selection made q, for the report and the select job's summary: DESIGN.md's
+    formula, or the gate head with how well it told real rows from their corrupted copies
+    (a head near 0.5 learned nothing from its negatives)."""
+    if head is None:
+        return "formula (equal layer weights)"
+    return (
+        f"gate head, fitted on {head['n_real']} real rows and {head['n_negative']} corrupted"
+        f" copies; real vs corrupted AUROC {head['auroc']:.3f}"
+    )
+
+
 def fit_gate_head(real: np.ndarray, negative: np.ndarray, c: float = 1.0) -> GateHead:
     """Fit the head on gate vectors of real rows (label 1) and corrupted copies (label 0).
 

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from qgate import data
+from qgate.gate_head import describe_gate_score
 
 if TYPE_CHECKING:
     from qgate.reference import Reference
@@ -424,18 +425,6 @@ def _dropped_html(reference: Reference, rejects: list[dict]) -> list[str]:
     return parts
 
 
-def _gate_score_line(reference: Reference) -> str:
-    """How q was made: DESIGN.md's formula, or the gate head and how well it told the real
-    rows from their corrupted copies (a head near 0.5 learned nothing from its negatives)."""
-    head = reference.gate_head
-    if head is None:
-        return "formula (equal layer weights)"
-    return (
-        f"gate head, fitted on {head['n_real']} real rows and {head['n_negative']} corrupted"
-        f" copies; real vs corrupted AUROC {head['auroc']:.3f}"
-    )
-
-
 def write_report(
     out_dir: str,
     selection_table: pa.Table,
@@ -457,7 +446,7 @@ def write_report(
     summary = [
         ("method", reference.method),
         ("signals", ", ".join(reference.signals) or None),
-        ("gate score", _gate_score_line(reference)),
+        ("gate score", describe_gate_score(reference.gate_head)),
         ("scored rows", counts["scored"]),
         ("rejected at scoring", counts["rejected"]),
         ("candidates", counts["candidates"]),

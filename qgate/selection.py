@@ -41,7 +41,7 @@ from qgate.budget import budget_rows, quota_cap, round_robin_rows
 from qgate.clustering import assign_clusters, choose_k, fit_centroids, normalize_rows
 from qgate.config import SelectConfig, stage_dir
 from qgate.config_io import to_dict
-from qgate.gate_head import head_from_scores
+from qgate.gate_head import describe_gate_score, head_from_scores
 from qgate.ranking import (
     COMBINED_METHODS,
     SIGNAL_COLUMNS,
@@ -571,8 +571,11 @@ def run_selection(cfg: SelectConfig) -> dict:
         "cutoff_global": cut["global"],
         "cutoff_per_cluster_range": [min(per), max(per)] if per else None,
         "per_source_selected": ref.counts["per_source_selected"],
-        "gate_head": ref.gate_head
-        and {k: ref.gate_head[k] for k in ("n_real", "n_negative", "auroc")},
+        "gate_score": (
+            describe_gate_score(ref.gate_head)
+            if "gate" in method_signals(ref.method, ref.signals)
+            else None
+        ),
         "label_metrics": metrics,
         "report": os.path.join(out_dir, "report.html") if report_path else None,
         "warnings": result.warnings,
