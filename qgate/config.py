@@ -526,6 +526,10 @@ class EvaluateConfig:
     """Default RUN/eval: results.json, samples_<task>.jsonl, tasks/."""
     device: str = "auto"
     """'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:N'."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Inference dtype. auto: bf16 on GPUs that have it, fp32 on CPU even with native bf16:
+    lm-eval's generation loop there gained only 1.13x from bf16 and exact match moved by up
+    to 2 points (BENCHMARKS.md). Compare exact match only within one dtype."""
     seed: int = 0
     offline: bool = True
     """Set HF_HUB_OFFLINE / HF_DATASETS_OFFLINE so nothing is downloaded; set false to run

@@ -249,6 +249,16 @@ def _flat_metrics(task_result: dict) -> dict:
     return out
 
 
+def eval_dtype(dtype: str, device: str) -> str:
+    """The dtype lm-eval loads the model in: a forced one, else bf16 on a GPU with bf16 and
+    fp32 on CPU, where bf16 hardly speeds up generation and shifts exact match (config.py)."""
+    from qgate.hardware import dtype_name, resolve_dtype
+
+    if dtype == "auto" and not device.startswith("cuda"):
+        return "float32"
+    return dtype_name(resolve_dtype(dtype, device))
+
+
 def evaluate(cfg: EvaluateConfig) -> dict:
     """Run lm-eval on ``cfg.tasks`` and write OUTPUT/results.json; return its content."""
     if cfg.offline:
@@ -267,7 +277,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     model_args = {"pretrained": model}
     if adapter:
         model_args["peft"] = adapter
-    model_args["dtype"] = "bfloat16" if device.startswith("cuda") else "float32"
+    model_args["dtype"] = eval_dtype(cfg.dtype, device)
     t0 = time.time()
     out = lm_eval.simple_evaluate(
         model="hf",

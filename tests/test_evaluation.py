@@ -14,7 +14,7 @@ from jobs import evaluate as job
 from qgate.chat import render_chat
 from qgate.config import EvaluateConfig
 from qgate.config_io import load_config
-from qgate.evaluation import evaluate, write_local_task
+from qgate.evaluation import eval_dtype, evaluate, write_local_task
 
 LIMIT, GEN = 8, 6
 
@@ -207,3 +207,13 @@ def test_shipped_evaluate_config_loads():
     assert (cfg.model, cfg.adapter_dir) == (a("runs/demo/base"), a("runs/demo/finetune/adapter"))
     assert (cfg.test_path, cfg.out_dir) == (a("runs/demo/data/test.jsonl"), a("runs/demo/eval"))
     assert cfg.tasks == ["qgate_synth"] and cfg.offline is True
+
+
+def test_eval_dtype_rule():
+    """Guards against evaluation silently following the scoring dtype rule onto a bf16 CPU
+    (exact match then shifts against earlier fp32 figures), and a forced dtype being ignored."""
+    assert eval_dtype("auto", "cpu") == "float32"
+    assert eval_dtype("bfloat16", "cpu") == "bfloat16"
+    assert eval_dtype("float32", "cuda:0") == "float32"
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        eval_dtype("fp16", "cpu")
