@@ -8,7 +8,9 @@ it reads, validates, tokenizes and scores the rows, and writes ``part-<shard>.pa
 (``dedup:``) rejected become rejects here with its reason. A re-launch skips shards with a marker, so an interrupted job finishes without
 duplicates. Duplicate sample_ids across shards are resolved at the end (first occurrence
 wins, the others become ``duplicate_id`` rejects), and ``_manifest.json`` is written only
-when rows in == scored + rejected.
+when rows in == scored + rejected. When the gates carry head negatives, the same pool scores
+them too (their shards queue after the corpus's, into OUT/head_negatives, IFD off): one
+model load per job.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -106,31 +109,39 @@ class ShardScorer:
     Each shard's parquet files and done-marker are written here, atomically, so scored rows
     never pass through the driver; it only sees one summary per shard. A retried shard (an
     actor died mid-shard) is rewritten from scratch under the same names: exactly once.
+    ``outputs`` lists the job's output directories with their scoring settings (the corpus,
+    and the gate head's negatives without IFD): one model load serves them all, and each
+    shard names its output.
     """
 
-    def __init__(self, base, gates, settings: dict, out: str, runtime: dict, fault=None):
+    def __init__(self, base, gates, outputs: list[dict], runtime: dict, fault=None):
         from qgate.config import MinHash
+        from qgate.metrics import ScoringMetrics
         from qgate.scorer import Scorer, ScoringSettings
 
-        st = ScoringSettings.from_dict(settings)
-        self.minhash = MinHash.from_dict(st.minhash) if st.minhash else None
-        self.scorer = Scorer(
+        settings = [ScoringSettings.from_dict(o["settings"]) for o in outputs]
+        scorer = Scorer(
             base,
             gates,
-            st,
+            settings[0],
             device=runtime["device"],
             threads=runtime["threads"],
             batch_tokens=runtime["batch_tokens"],
             debug_tokens=runtime["debug_tokens"],
         )
-        self.out, self.window = out, runtime["batch_rows"]
-        num_perm = self.minhash.num_perm if self.minhash else None
-        self.schema = scores_schema(
-            st.num_layers, st.embedding_dim_out, runtime["debug_tokens"], num_perm
-        )
+        self.outputs = []
+        for o, st in zip(outputs, settings, strict=True):
+            minhash = MinHash.from_dict(st.minhash) if st.minhash else None
+            num_perm = minhash.num_perm if minhash else None
+            schema = scores_schema(
+                st.num_layers, st.embedding_dim_out, runtime["debug_tokens"], num_perm
+            )
+            view = scorer if st == settings[0] else scorer.with_settings(st)
+            self.outputs.append(
+                {"out": o["out"], "scorer": view, "minhash": minhash, "schema": schema}
+            )
+        self.window = runtime["batch_rows"]
         self.fault, self.calls = fault or {}, 0
-        from qgate.metrics import ScoringMetrics
-
         self.metrics = ScoringMetrics()
 
     def __call__(self, batch: dict) -> dict:
@@ -144,19 +155,21 @@ class ShardScorer:
                 os._exit(1)  # test-only fault injection: this actor process dies once
             item = {k: batch[k][j] for k in ("shard", "path", "start", "stop")}
             item["skip"] = batch["skip"][j] if "skip" in batch else None
-            infos.append(json.dumps(self.run_shard(item)))
+            output = int(batch["output"][j])
+            infos.append(json.dumps(self.run_shard(item, output) | {"output": output}))
         return {"info": np.array(infos, dtype=object)}
 
-    def run_shard(self, item: dict) -> dict:
-        """Read, score and write one shard; returns its summary."""
+    def run_shard(self, item: dict, output: int = 0) -> dict:
+        """Read, score and write one shard into output ``output``; returns its summary."""
+        o = self.outputs[output]
         t0 = time.perf_counter()
-        rows = read_shard(item, self.scorer, self.minhash)
+        rows = read_shard(item, o["scorer"], o["minhash"])
         ok = sorted((r for r in rows if not r["reason"]), key=lambda r: -r["n_tokens"])
         for s in range(0, len(ok), self.window):  # length-sorted windows: little padding
             window = ok[s : s + self.window]
-            for row, st in zip(window, score_isolating(self.scorer, window), strict=True):
+            for row, st in zip(window, score_isolating(o["scorer"], window), strict=True):
                 row |= st
-        info = write_shard(self.out, str(item["shard"]), rows, self.schema)
+        info = write_shard(o["out"], str(item["shard"]), rows, o["schema"])
         info["seconds"] = round(time.perf_counter() - t0, 3)
         self.metrics.shard(info)
         return info
@@ -320,7 +333,8 @@ def run_scoring(cfg: ScoreConfig, fault: dict | None = None, head_negatives: boo
     """Score the corpus into RUN/scores (or cfg.output); resumable; returns the manifest.
 
     With ``head_negatives`` the gates' head negatives, if the warmup wrote any, are scored
-    too (into OUT/head_negatives, before the manifest that marks the scores complete).
+    too, into OUT/head_negatives by the same actor pool (one model load), before the
+    manifest that marks the scores complete is written.
 
     ``fault`` is for tests only: ``{exit_after: N, marker: PATH}`` makes a scoring actor
     exit once on its N-th shard; ``{stop_after_shards: N}`` stops the driver after N shards.
@@ -329,40 +343,84 @@ def run_scoring(cfg: ScoreConfig, fault: dict | None = None, head_negatives: boo
 
     check_base(cfg.base_model)
     gates = _warmup_gates(cfg)
-    out = cfg.output or stage_dir(cfg.run_dir, "scores")
+    outputs = [_plan_output(cfg, gates, cfg.output or stage_dir(cfg.run_dir, "scores"))]
+    sub = _negatives_config(cfg, gates, outputs[0].out) if head_negatives else None
+    if sub is not None:
+        outputs.append(_plan_output(sub, gates, sub.output, label="head negatives "))
+    todo = [dict(s, output=i) for i, o in enumerate(outputs) for s in o.todo]
+    if todo:
+        _run_pipeline(cfg, gates, outputs, todo, fault or {})
+    manifests = [_finish_output(o) for o in outputs[::-1]]  # the corpus's last: it marks all done
+    manifest = manifests[-1]
+    if sub is not None:
+        from qgate.gate_head import NEGATIVES_DIR
+
+        m = manifests[0]
+        manifest["head_negatives"] = {
+            "dir": NEGATIVES_DIR,
+            "scored": m["scored"],
+            "rejected": m["rejected"],
+        }
+        write_json(os.path.join(outputs[0].out, MANIFEST_FILE), manifest)
+    manifest["output"] = outputs[0].out
+    return manifest
+
+
+@dataclass
+class _Output:
+    """One output directory of a scoring job: its config, shards, settings and progress."""
+
+    cfg: ScoreConfig
+    gates: str | None
+    out: str
+    label: str
+    paths: list[str]
+    shards: list[dict]
+    todo: list[dict]
+    settings: object
+    plan: dict
+    started: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    t0: float = field(default_factory=time.time)
+    last_report: float | None = None
+
+    @property
+    def expected(self) -> dict[str, int]:
+        return {s["shard"]: s["stop"] - s["start"] for s in self.shards}
+
+
+def _plan_output(cfg: ScoreConfig, gates: str | None, out: str, label: str = "") -> _Output:
+    """Plan (or re-check, on resume) one output directory; print what is left to score."""
     os.makedirs(os.path.join(out, REJECTS_DIR), exist_ok=True)
     os.makedirs(os.path.join(out, SHARDS_DIR), exist_ok=True)
-
-    t0 = time.time()
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    t0, started = time.time(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     paths = expand_paths(cfg.corpus)
     shards = plan_shards(paths, cfg.rows_per_shard)
     dedup, minhash = _dedup_inputs(cfg, paths)
     settings, plan = _fixed_plan(cfg, gates, out, shards, dedup, minhash)
     todo = _shards_to_score(out, shards, dedup)
-    expected = {s["shard"]: s["stop"] - s["start"] for s in shards}
+    if label:
+        print(f"[score] the gate {label.strip()}: {', '.join(paths)}", flush=True)
     print(
-        f"[score] {len(shards)} shards, {len(shards) - len(todo)} already complete, "
+        f"[score] {label}{len(shards)} shards, {len(shards) - len(todo)} already complete, "
         f"{len(todo)} to score in {settings.dtype} -> {out}",
         flush=True,
     )
-    if todo:
-        _run_pipeline(cfg, gates, todo, expected, out, settings, fault or {})
-    negatives = _score_head_negatives(cfg, gates, out) if head_negatives else None
-    manifest = _manifest(cfg, gates, out, shards, expected, plan, bool(todo), t0)
-    manifest |= {"inputs": paths, "started_at": started}
-    if negatives:
-        manifest["head_negatives"] = negatives
+    return _Output(cfg, gates, out, label, paths, shards, todo, settings, plan, started, t0)
+
+
+def _finish_output(o: _Output) -> dict:
+    """Check one output (every row scored or rejected once) and write its manifest."""
+    manifest = _manifest(o)
+    manifest |= {"inputs": o.paths, "started_at": o.started}
     manifest["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    write_json(os.path.join(out, MANIFEST_FILE), manifest)
-    manifest["output"] = out
+    write_json(os.path.join(o.out, MANIFEST_FILE), manifest)
     return manifest
 
 
-def _score_head_negatives(cfg: ScoreConfig, gates: str | None, out: str) -> dict | None:
-    """Score the gates' head negatives (the warmup's corrupted copies, qgate/gate_head.py)
-    into OUT/head_negatives, the gate columns being what the head is fitted on; resumable
-    like the corpus. None when the gates carry no such file."""
+def _negatives_config(cfg: ScoreConfig, gates: str | None, out: str) -> ScoreConfig | None:
+    """The config that scores the gates' head negatives (the warmup's corrupted copies,
+    qgate/gate_head.py) into OUT/head_negatives: gate columns only (what the head is fitted
+    on), so no IFD and no MinHash. None when the gates carry no such file."""
     import dataclasses
 
     from qgate.gate_head import NEGATIVES_DIR, NEGATIVES_FILE
@@ -370,7 +428,7 @@ def _score_head_negatives(cfg: ScoreConfig, gates: str | None, out: str) -> dict
     path = os.path.join(gates, NEGATIVES_FILE) if gates else None
     if path is None or not os.path.isfile(path):
         return None
-    sub = dataclasses.replace(
+    return dataclasses.replace(
         cfg,
         gates=gates,
         corpus=[path],
@@ -379,9 +437,6 @@ def _score_head_negatives(cfg: ScoreConfig, gates: str | None, out: str) -> dict
         dedup=None,
         minhash=None,
     )
-    print(f"[score] the gate head's negatives: {path}", flush=True)
-    m = run_scoring(sub, head_negatives=False)
-    return {"dir": NEGATIVES_DIR, "scored": m["scored"], "rejected": m["rejected"]}
 
 
 def _warmup_gates(cfg: ScoreConfig) -> str | None:
@@ -452,27 +507,31 @@ def _shards_to_score(out: str, shards: list[dict], dedup) -> list[dict]:
     return todo
 
 
-def _manifest(cfg, gates, out, shards, expected, plan, scored_now: bool, t0: float) -> dict:
-    """The scores manifest, after checking that every row in is scored or rejected once."""
+def _manifest(o: _Output) -> dict:
+    """The scores manifest, after checking that every row in is scored or rejected once.
+
+    ``tokens_per_s`` is this run's: the tokens of the shards it scored over the time until
+    their last summary arrived (not the other output's shards, nor the final checks)."""
     from qgate.model import resolve_base
 
-    shard_ids = [s["shard"] for s in shards]
+    out, cfg, plan = o.out, o.cfg, o.plan
+    shard_ids = [s["shard"] for s in o.shards]
     moved = resolve_duplicates(out, shard_ids)
-    infos = []
+    infos = {}
     for s in shard_ids:
         with open(os.path.join(out, SHARDS_DIR, f"{s}.json")) as f:
-            infos.append(json.load(f))
+            infos[s] = json.load(f)
     parts = [os.path.join(out, f"part-{s}.parquet") for s in shard_ids]
     rej_dir = os.path.join(out, REJECTS_DIR)
     rejects = sorted(
         os.path.join(rej_dir, p) for p in os.listdir(rej_dir) if p.endswith(".parquet")
     )
-    rows_in = sum(expected.values())
+    rows_in = sum(o.expected.values())
     scored, rejected = _count_rows(parts), _count_rows(rejects)
     if rows_in != scored + rejected:
         raise ScoringError(f"rows lost: {rows_in} rows in, {scored} scored + {rejected} rejected")
-    wall = time.time() - t0
-    tokens = sum(i["tokens"] for i in infos)
+    wall = (o.last_report or time.time()) - o.t0
+    tokens_now = sum(infos[s["shard"]]["tokens"] for s in o.todo)
     return {
         "version": SCHEMA_VERSION,
         "complete": True,
@@ -481,11 +540,11 @@ def _manifest(cfg, gates, out, shards, expected, plan, scored_now: bool, t0: flo
         "rejected": rejected,
         "duplicates_moved": moved,
         "rejects_by_reason": _reason_counts(rejects),
-        "tokens": tokens,
+        "tokens": sum(i["tokens"] for i in infos.values()),
         "wall_s": round(wall, 3),
-        "tokens_per_s": round(tokens / wall, 1) if scored_now else None,
+        "tokens_per_s": round(tokens_now / wall, 1) if o.todo else None,
         "model": os.path.abspath(resolve_base(cfg.base_model)),
-        "gates": os.path.abspath(gates) if gates else None,
+        "gates": os.path.abspath(o.gates) if o.gates else None,
         "model_digest": plan["model_digest"],
         "gates_digest": plan["gates_digest"],
         "dtype": plan["scoring"]["dtype"],
@@ -540,11 +599,13 @@ def actor_layout(cfg: ScoreConfig, cluster_cpus: float) -> tuple[float, int]:
     return cpus, a.threads or max(1, int(cpus))
 
 
-def _run_pipeline(cfg, gates, todo, expected, out, settings, fault: dict) -> None:
+def _run_pipeline(cfg, gates, outputs: list[_Output], todo: list[dict], fault: dict) -> None:
+    """Score every shard in ``todo`` (each names its output) on one actor pool; the driver
+    only reads one summary per shard."""
     import ray
     import ray.data
 
-    from qgate.watchdog import Watchdog
+    from qgate.watchdog import Watchdog, arrivals
 
     cpus, threads = actor_layout(cfg, ray.cluster_resources().get("CPU", 0))
     runtime = {"device": cfg.device, "threads": threads, "batch_tokens": cfg.batch_tokens}
@@ -554,8 +615,9 @@ def _run_pipeline(cfg, gates, todo, expected, out, settings, fault: dict) -> Non
         fn_constructor_kwargs={
             "base": cfg.base_model,
             "gates": gates,
-            "settings": settings.to_dict(),
-            "out": os.path.abspath(out),
+            "outputs": [
+                {"settings": o.settings.to_dict(), "out": os.path.abspath(o.out)} for o in outputs
+            ],
             "runtime": runtime,
             "fault": fault if fault.get("exit_after") else None,
         },
@@ -567,23 +629,26 @@ def _run_pipeline(cfg, gates, todo, expected, out, settings, fault: dict) -> Non
         num_gpus=cfg.actors.num_gpus,
         resources=cfg.actors.resources,
     )
-    seen: set[str] = set()
-    t0, rows_done, tokens = time.time(), 0, 0
-    n_rows = sum(expected[s["shard"]] for s in todo)
-    for row in Watchdog("score").watch(ds.iter_rows()):  # a tick per shard summary
+    seen: set[tuple[int, str]] = set()
+    done = {i: [0, 0] for i in range(len(outputs))}  # rows, tokens
+    for row in Watchdog("score").watch(arrivals(ds)):  # a tick per shard summary
         info = json.loads(row["info"])
-        if info["shard"] in seen:  # a retried shard reports twice; its files were replaced
+        key = (info["output"], info["shard"])
+        if key in seen:  # a retried shard reports twice; its files were replaced
             continue
-        seen.add(info["shard"])
-        rows_done, tokens = rows_done + info["rows"], tokens + info["tokens"]
-        rate = tokens / max(time.time() - t0, 1e-9)
+        seen.add(key)
+        o, d = outputs[info["output"]], done[info["output"]]
+        o.last_report = time.time()
+        d[0], d[1] = d[0] + info["rows"], d[1] + info["tokens"]
+        n_rows = sum(o.expected[s["shard"]] for s in o.todo)
+        rate = d[1] / max(o.last_report - o.t0, 1e-9)
         print(
-            f"[score] shard {info['shard']}: {info['scored']} scored, {info['rejected']} "
-            f"rejected ({rows_done}/{n_rows} rows, {rate:.0f} tok/s)",
+            f"[score] {o.label}shard {info['shard']}: {info['scored']} scored, {info['rejected']} "
+            f"rejected ({d[0]}/{n_rows} rows, {rate:.0f} tok/s)",
             flush=True,
         )
         if fault.get("stop_after_shards") and len(seen) >= fault["stop_after_shards"]:
             raise ScoringError(f"fault injection: driver stopped after {len(seen)} shard(s)")
-    missing = sorted(s["shard"] for s in todo if s["shard"] not in seen)
+    missing = sorted(s["shard"] for s in todo if (s["output"], s["shard"]) not in seen)
     if missing:
         raise ScoringError(f"shards never reported back: {missing[:10]}")

@@ -331,7 +331,7 @@ def _sign(cfg: DedupConfig, out: str, todo: list[dict], t0: float) -> None:
     """Sign the shards still to do with Ray Data tasks, printing progress per shard."""
     import ray.data
 
-    from qgate.watchdog import Watchdog
+    from qgate.watchdog import Watchdog, arrivals
 
     ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
         _sign_batch,
@@ -340,7 +340,7 @@ def _sign(cfg: DedupConfig, out: str, todo: list[dict], t0: float) -> None:
         num_cpus=cfg.num_cpus,
     )
     n_rows, seen, rows_done = sum(s["stop"] - s["start"] for s in todo), set(), 0
-    for row in Watchdog("dedup").watch(ds.iter_rows()):
+    for row in Watchdog("dedup").watch(arrivals(ds)):
         info = json.loads(row["info"])
         if info["shard"] in seen:  # a retried shard reports twice
             continue

@@ -10,6 +10,7 @@ samples with :func:`qgate.scoring.score_batch`.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -128,6 +129,20 @@ class Scorer:
         self.batch_tokens = max(batch_tokens, settings.max_length)
         self.debug_tokens = debug_tokens
         self.base, self.gates = base, gates
+
+    def with_settings(self, settings: ScoringSettings) -> Scorer:
+        """This loaded model under other settings (e.g. IFD off): one model, two outputs.
+
+        Only what is applied per call may differ; the dtype, model shape and embedding
+        projection must match, since they are fixed when the model loads."""
+        fixed = ("dtype", "num_layers", "hidden_size", "embedding_dim", "embedding_seed")
+        differ = [k for k in fixed if getattr(settings, k) != getattr(self.settings, k)]
+        if differ:
+            raise ValueError(f"a Scorer view cannot change {differ}; load another Scorer")
+        view = copy.copy(self)
+        view.settings = settings
+        view.batch_tokens = max(self.batch_tokens, settings.max_length)
+        return view
 
     def tokenize(self, messages: list[dict]) -> dict:
         """Tokenize one canonical conversation for :meth:`score` (raises RowError)."""

@@ -1,6 +1,6 @@
 """Stall watchdog: when a stage makes no progress, one line saying what Ray is waiting for.
 
-    for summary in Watchdog("score").watch(ds.iter_rows()):  # progress: an item arrives
+    for summary in Watchdog("score").watch(arrivals(ds)):  # progress: an item arrives
         ...
     with Watchdog("warmup", ticks=False):  # no ticks: speaks only while Ray waits on something
         trainer.fit()
@@ -26,6 +26,18 @@ from dataclasses import dataclass, field
 STALL_ENV = "QGATE_STALL_S"
 DEFAULT_STALL_S = 120.0
 _PG_RESOURCE = re.compile(r"^(.+?)_group_(?:\d+_)?[0-9a-f]{16,}$")  # CPU_group_0_<pg id>
+
+
+def arrivals(ds):
+    """A dataset's rows as their blocks finish: what a stage's per-shard summaries are read
+    through. ``ds.iter_rows()`` prefetches, so it hands over a shard's summary only when
+    the next shard is done too (measured on Ray 2.60: a 2 s shard before a 10 s one arrived
+    at 14 s), which delays progress lines and watchdog ticks by a shard and stretches
+    timings; without prefetch it arrives at 4.5 s."""
+    for batch in ds.iter_batches(batch_size=None, prefetch_batches=0, batch_format="numpy"):
+        cols = list(batch)
+        for i in range(len(batch[cols[0]]) if cols else 0):
+            yield {c: batch[c][i] for c in cols}
 
 
 def stall_seconds_from_env() -> float:

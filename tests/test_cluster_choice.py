@@ -23,7 +23,7 @@ import time
 import psutil
 import pytest
 
-from qgate.watchdog import Pending, Watchdog, describe, stall_seconds_from_env
+from qgate.watchdog import Pending, Watchdog, arrivals, describe, stall_seconds_from_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINGER_AFTER_EXIT_S = 20  # the issue's bound: no process of the session left after this
@@ -550,3 +550,27 @@ def _watchdog_lines(ray_tmp: str, mode: str) -> tuple[list[str], str]:
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return json.loads(r.stdout.split("LINES ", 1)[1]), r.stderr
+
+
+def test_summaries_arrive_as_their_shard_finishes(ray_session):
+    """Guards against a stage's per-shard summary arriving only when the next shard is done
+    too (ds.iter_rows() prefetches): progress lines, watchdog ticks and the score job's
+    per-output timing would lag a whole shard."""
+    import ray.data
+
+    class _Sleeper:  # defined here, so workers get it by value (tests/ is not importable)
+        def __call__(self, batch):
+            time.sleep(float(batch["s"][0]))
+            return batch
+
+    ds = ray.data.from_items([{"s": 0.2}, {"s": 4.0}], override_num_blocks=2).map_batches(
+        _Sleeper,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1),
+        batch_size=1,
+        num_cpus=0.5,
+    )
+    t0, got = time.time(), []
+    for row in arrivals(ds):
+        got.append((float(row["s"]), time.time() - t0))
+    assert [s for s, _ in got] == [0.2, 4.0]
+    assert got[1][1] - got[0][1] > 3.0  # the short shard did not wait for the long one

@@ -99,6 +99,24 @@ def test_bf16_scores_close_to_fp32_and_mismatch_refused(tiny_model, corpus):
         Scorer(tiny_model, None, _settings(tiny_model, "float32"), dtype="bfloat16")
 
 
+def test_scorer_view_shares_the_model_and_guards_fixed_settings(tiny_model, corpus):
+    """Guards against the score job's second output (the head negatives, IFD off) loading
+    the model again or scoring with the first output's settings, and against a view that
+    changes what the loaded model fixed (dtype, projection)."""
+    base = Scorer(tiny_model, None, _settings(tiny_model, ifd=True))
+    view = base.with_settings(_settings(tiny_model, ifd=False))
+    assert view.model is base.model and view.projection is base.projection
+    assert (base.settings.ifd, view.settings.ifd) == (True, False)
+    encs = _encs(view.tokenizer, corpus)
+    alone = Scorer(tiny_model, None, _settings(tiny_model, ifd=False))
+    for x, y in zip(view.score(encs), alone.score(encs), strict=True):
+        assert x["ifd"] is None and abs(x["nll"] - y["nll"]) < 1e-6
+    with pytest.raises(ValueError, match=r"cannot change \['dtype'\]"):
+        base.with_settings(_settings(tiny_model, "bfloat16"))
+    with pytest.raises(ValueError, match="embedding_dim"):
+        base.with_settings(_settings(tiny_model, embedding_dim=8))
+
+
 class _Flaky:
     """A scorer that raises whenever a batch holds a poisoned row (n_tokens == -1)."""
 
