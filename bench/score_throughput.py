@@ -68,6 +68,9 @@ shorter rows, ``--mem-max-tokens``) and reports the driver's peak RSS (psutil sa
 10 ms from after ``ray.init``), its ru_maxrss (which also covers imports and ``ray.init``; its
 value before ``run_scoring`` is printed too) and the CPU time (user + sys,
 ``resource.getrusage``) the driver process spent inside ``run_scoring``, per 100k rows.
+Beside each size, Ray Data's own floor: the same number of blocks through a sleeping actor
+of the same CPUs for as long (no qgate code), its driver CPU measured the same way; the
+difference is qgate's own driver cost.
 """
 
 from __future__ import annotations
@@ -447,10 +450,23 @@ def layout_name(layout: tuple[int, int | None]) -> str:
     return "auto" if layout[1] is None else f"{layout[0]}x{layout[1]}"
 
 
-def score_config(a, model_dir: str, corpus: str, out: str, layout, dtype: str):
-    from qgate.config import Actors, ScoreConfig
+def bench_actors(a, layout):
+    """The actor pool of ``layout`` (n actors x CPUs, or auto) as the score config holds it."""
+    from qgate.config import Actors
 
     n_actors, cpus = layout
+    return Actors(
+        min_size=n_actors,
+        max_size=n_actors,
+        num_cpus=None if cpus is None else float(cpus),
+        num_gpus=(1.0 / n_actors) if a.device == "cuda" else 0.0,
+        threads=cpus,
+    )
+
+
+def score_config(a, model_dir: str, corpus: str, out: str, layout, dtype: str):
+    from qgate.config import ScoreConfig
+
     return ScoreConfig(
         run_dir=os.path.join(out, "run"),  # no warmup there: fresh gates, seed 0, like (b)/(c)
         base_model=model_dir,
@@ -458,13 +474,7 @@ def score_config(a, model_dir: str, corpus: str, out: str, layout, dtype: str):
         output=out,
         max_length=a.max_length,
         ifd=False,
-        actors=Actors(
-            min_size=n_actors,
-            max_size=n_actors,
-            num_cpus=None if cpus is None else float(cpus),
-            num_gpus=(1.0 / n_actors) if a.device == "cuda" else 0.0,
-            threads=cpus,
-        ),
+        actors=bench_actors(a, layout),
         batch_rows=a.batch_rows,
         batch_tokens=a.batch_tokens,
         rows_per_shard=a.rows_per_shard,
@@ -568,6 +578,43 @@ def memory_child(a) -> None:
     )
 
 
+def floor_child(a) -> None:
+    """Runs in a fresh process: Ray Data's own driver cost, with no qgate in it.
+
+    The same number of blocks as the job's shards goes through one actor of the same CPUs,
+    each call sleeping its share of the job's wall time, so the executor runs as long, over
+    as many blocks, as it did for run_scoring; prints the driver's CPU time as JSON.
+    """
+    import ray.data
+
+    from qgate.batch_scoring import actor_layout
+
+    init_ray(a)
+    cfg = argparse.Namespace(actors=bench_actors(a, parse_layout(a.actors)[0]))
+    cpus, _ = actor_layout(cfg, ray.cluster_resources().get("CPU", 0))
+
+    class Sleeper:
+        def __call__(self, batch):
+            time.sleep(float(batch["s"][0]))
+            return batch
+
+    items = [{"s": a.floor_sleep}] * a.floor_blocks
+    n = cfg.actors.max_size
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        Sleeper,
+        compute=ray.data.ActorPoolStrategy(min_size=n, max_size=n),
+        batch_size=1,
+        num_cpus=cpus,
+    )
+    from qgate.watchdog import arrivals
+
+    r0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    done = sum(1 for _ in arrivals(ds))  # read the way the score job reads its summaries
+    r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t
+    cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
+    print(json.dumps({"blocks": done, "wall_s": wall, "cpu_s": cpu}))
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -640,6 +687,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--child-model", help=argparse.SUPPRESS)
     ap.add_argument("--child-corpus", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
+    ap.add_argument("--floor-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--floor-blocks", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--floor-sleep", type=float, help=argparse.SUPPRESS)
     if "--quick" in (sys.argv[1:] if argv is None else argv):  # smaller defaults; flags win
         ap.set_defaults(n=300, hidden=128, layers=2, heads=4, kv_heads=2, intermediate=384)
         ap.set_defaults(vocab=2048, sizes=[1000, 3000], rows_per_shard=100)
@@ -674,6 +724,9 @@ def fmt_tps(tokens: int, secs: float) -> str:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.floor_child:
+        floor_child(a)
+        return 0
     if a.memory_child:
         memory_child(a)
         return 0
@@ -1017,6 +1070,20 @@ def memory_test(a, work: str, pairs, layout) -> dict:
             f"{g['cpu_s']:.1f}s (user {g['cpu_user_s']:.1f} + sys {g['cpu_sys_s']:.1f}) = "
             f"{g['cpu_s'] / size * 1e5:.2f}s per 100k rows, {g['cpu_s'] / g['wall_s']:.0%} of "
             "one core over the job's wall time"
+        )
+        blocks = -(-size // a.rows_per_shard)
+        cmd = [sys.executable, os.path.abspath(__file__), "--floor-child", "--actors"]
+        cmd += [layout_name(layout), "--ray-cpus", str(a.ray_cpus), "--device", a.device]
+        cmd += ["--floor-blocks", str(blocks), "--floor-sleep", str(g["wall_s"] / blocks)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"floor child failed for {size}:\n{r.stdout}\n{r.stderr[-4000:]}")
+        g["floor"] = f = json.loads(r.stdout.strip().splitlines()[-1])
+        print(
+            f"          Ray Data alone, {blocks} blocks through a sleeping actor for "
+            f"{f['wall_s']:.0f}s: driver CPU {f['cpu_s']:.1f}s ({f['cpu_s'] / f['wall_s']:.0%} of "
+            f"one core); qgate's own part {g['cpu_s'] - f['cpu_s']:.1f}s = "
+            f"{(g['cpu_s'] - f['cpu_s']) / size * 1e5:.2f}s per 100k rows"
         )
     lo, hi = min(a.sizes), max(a.sizes)
     ratio = got[hi]["peak_rss"] / got[lo]["peak_rss"]
