@@ -70,7 +70,8 @@ value before ``run_scoring`` is printed too) and the CPU time (user + sys,
 ``resource.getrusage``) the driver process spent inside ``run_scoring``, per 100k rows.
 Beside each size, Ray Data's own floor: the same number of blocks through a sleeping actor
 of the same CPUs for as long (no qgate code), its driver CPU measured the same way; the
-difference is qgate's own driver cost.
+difference is qgate's own driver cost, of which the same process also times the one fixed
+step, ``check_base`` (a cold import of the model class).
 """
 
 from __future__ import annotations
@@ -612,7 +613,12 @@ def floor_child(a) -> None:
     done = sum(1 for _ in arrivals(ds))  # read the way the score job reads its summaries
     r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t
     cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
-    print(json.dumps({"blocks": done, "wall_s": wall, "cpu_s": cpu}))
+    from qgate.model import check_base  # the job's one fixed driver step: import + meta build
+
+    check_base(a.child_model)
+    r2 = resource.getrusage(resource.RUSAGE_SELF)
+    check = r2.ru_utime - r1.ru_utime + r2.ru_stime - r1.ru_stime
+    print(json.dumps({"blocks": done, "wall_s": wall, "cpu_s": cpu, "check_base_cpu_s": check}))
 
 
 # ----------------------------------------------------------------------------- main
@@ -1075,6 +1081,7 @@ def memory_test(a, work: str, pairs, layout) -> dict:
         cmd = [sys.executable, os.path.abspath(__file__), "--floor-child", "--actors"]
         cmd += [layout_name(layout), "--ray-cpus", str(a.ray_cpus), "--device", a.device]
         cmd += ["--floor-blocks", str(blocks), "--floor-sleep", str(g["wall_s"] / blocks)]
+        cmd += ["--child-model", mdir]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
             raise RuntimeError(f"floor child failed for {size}:\n{r.stdout}\n{r.stderr[-4000:]}")
@@ -1083,7 +1090,9 @@ def memory_test(a, work: str, pairs, layout) -> dict:
             f"          Ray Data alone, {blocks} blocks through a sleeping actor for "
             f"{f['wall_s']:.0f}s: driver CPU {f['cpu_s']:.1f}s ({f['cpu_s'] / f['wall_s']:.0%} of "
             f"one core); qgate's own part {g['cpu_s'] - f['cpu_s']:.1f}s = "
-            f"{(g['cpu_s'] - f['cpu_s']) / size * 1e5:.2f}s per 100k rows"
+            f"{(g['cpu_s'] - f['cpu_s']) / size * 1e5:.2f}s per 100k rows, of which the "
+            f"once-per-job check_base (a cold import, timed in that process) "
+            f"{f['check_base_cpu_s']:.1f}s"
         )
     lo, hi = min(a.sizes), max(a.sizes)
     ratio = got[hi]["peak_rss"] / got[lo]["peak_rss"]
