@@ -15,6 +15,7 @@ model load per job.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -264,23 +265,49 @@ def write_shard(out_dir: str, shard: str, rows: list[dict], schema: pa.Schema) -
     return info
 
 
+def id_digests(ids: list[str]) -> np.ndarray:
+    """8-byte digests of sample_ids: what the duplicate pass keeps per row in the driver."""
+    return np.fromiter(
+        (
+            int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little")
+            for i in ids
+        ),
+        dtype=np.uint64,
+        count=len(ids),
+    )
+
+
 def resolve_duplicates(out_dir: str, shards: list[str]) -> int:
     """Move later occurrences of a sample_id (in input order) to ``duplicate_id`` rejects.
 
+    The driver reads only the sample_id column and keeps an 8-byte digest a row; rows whose
+    digest repeats are checked against the ids themselves, and only parts that hold a
+    duplicate are read whole and rewritten (the scores never pass through the driver).
     Idempotent: the extra rejects go to ``rejects/dup-<shard>.parquet`` (written before the
     part file is rewritten), so a crash here and a re-run give the same result.
     """
+    parts = [os.path.join(out_dir, f"part-{shard}.parquet") for shard in shards]
+    digests = [
+        id_digests(pq.read_table(p, columns=["sample_id"]).column("sample_id").to_pylist())
+        for p in parts
+    ]
+    values, counts = np.unique(
+        np.concatenate(digests or [np.zeros(0, np.uint64)]), return_counts=True
+    )
+    repeated = values[counts > 1]
     seen: set[str] = set()
     moved = 0
-    for shard in shards:
-        part = os.path.join(out_dir, f"part-{shard}.parquet")
-        table = pq.read_table(part)
-        ids = table.column("sample_id").to_pylist()
+    for shard, part, d in zip(shards, parts, digests, strict=True):
+        candidates = np.flatnonzero(np.isin(d, repeated))
+        if not len(candidates):
+            continue
+        ids = pq.read_table(part, columns=["sample_id"]).column("sample_id").to_pylist()
         dup = []
-        for i, sid in enumerate(ids):
-            (dup.append(i) if sid in seen else seen.add(sid))
+        for i in candidates:
+            (dup.append(int(i)) if ids[i] in seen else seen.add(ids[i]))
         if not dup:
             continue
+        table = pq.read_table(part)
         sources = table.column("source").to_pylist()
         rej = pa.table(
             {
