@@ -29,6 +29,9 @@ def summary_lines(m: dict) -> list[str]:
         f"tokens {m['tokens']}  {rate}  wall {m['wall_s']:.1f}s",
     ]
     lines += [f"  reject {reason}: {n}" for reason, n in m["rejects_by_reason"].items()]
+    if m.get("head_negatives"):
+        h = m["head_negatives"]
+        lines.append(f"the gate head's negatives: {h['scored']} scored, {h['rejected']} rejected")
     lines.append(f"output {m['output']}")
     return lines
 

@@ -21,6 +21,17 @@ from qgate.scorer import Scorer, ScoringSettings
 SMALL = ["batch_size=8", "max_length=96", "scaling.num_workers=1", "lr=0.05"]
 
 
+def score_parts_table(scores_dir: str) -> dict:
+    """A scores directory's part files as one column dict, in input order."""
+    import glob
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = sorted(glob.glob(os.path.join(scores_dir, "part-*.parquet")))
+    return pa.concat_tables([pq.read_table(p) for p in parts]).to_pydict()
+
+
 def _answer(row) -> str:
     return [m for m in row["messages"] if m["role"] == "assistant"][-1]["content"]
 
@@ -126,6 +137,7 @@ def test_head_negatives_are_written_scored_and_fit_a_head(contrast_run, tiny_mod
     and records the head in reference.json."""
     import json
 
+    from jobs.score import summary_lines
     from qgate.batch_scoring import run_scoring
     from qgate.config import ScoreConfig, SelectConfig
     from qgate.gate_head import NEGATIVES_DIR, NEGATIVES_FILE, GateHead
@@ -148,6 +160,15 @@ def test_head_negatives_are_written_scored_and_fit_a_head(contrast_run, tiny_mod
     neg = os.path.join(m["output"], NEGATIVES_DIR)
     with open(os.path.join(neg, "_manifest.json")) as f:
         assert json.load(f)["scoring"]["ifd"] is False
+    assert "the gate head's negatives: 24 scored, 0 rejected" in summary_lines(m)
+    # scored on the corpus's pool, with the negatives' own settings: as if scored alone
+    alone_argv = [f"base_model={tiny_model}", f"corpus=[{os.path.join(gates, NEGATIVES_FILE)}]"]
+    alone_argv += [f"run_dir={cfg.run_dir}", f"gates={gates}", "max_length=96", "ifd=false"]
+    alone_argv += [f"output={os.path.join(cfg.run_dir, 'negatives_alone')}"]
+    alone = run_scoring(load_config(ScoreConfig, None, alone_argv), head_negatives=False)
+    a, b = (score_parts_table(d) for d in (neg, alone["output"]))
+    assert a["sample_id"] == b["sample_id"] and a["ifd"] == b["ifd"] == [None] * 24
+    assert np.allclose(np.array(a["gate"]), np.array(b["gate"]), atol=1e-6)
     sel = [f"corpus=[{corpus['pool']}]", f"run_dir={cfg.run_dir}", "report=false"]
     sel += ["method=worst_rank", "signals=[gate, ifd]", "gate_score=head"]
     run_selection(load_config(SelectConfig, None, sel))
