@@ -20,7 +20,8 @@ import json
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -48,6 +49,9 @@ from qgate.scores import (
     SHARDS_DIR,
     scores_schema,
 )
+
+if TYPE_CHECKING:
+    from qgate.scorer import ScoringSettings
 
 
 class ScoringError(RuntimeError):
@@ -377,18 +381,14 @@ def run_scoring(cfg: ScoreConfig, fault: dict | None = None, head_negatives: boo
     todo = [dict(s, output=i) for i, o in enumerate(outputs) for s in o.todo]
     if todo:
         _run_pipeline(cfg, gates, outputs, todo, fault or {})
-    manifests = [_finish_output(o) for o in outputs[::-1]]  # the corpus's last: it marks all done
-    manifest = manifests[-1]
-    if sub is not None:
+    extra = {}
+    if sub is not None:  # the negatives' manifest first: the corpus's one marks all done
         from qgate.gate_head import NEGATIVES_DIR
 
-        m = manifests[0]
-        manifest["head_negatives"] = {
-            "dir": NEGATIVES_DIR,
-            "scored": m["scored"],
-            "rejected": m["rejected"],
-        }
-        write_json(os.path.join(outputs[0].out, MANIFEST_FILE), manifest)
+        m = _finish_output(outputs[1])
+        extra["head_negatives"] = {"dir": NEGATIVES_DIR, "scored": m["scored"]}
+        extra["head_negatives"]["rejected"] = m["rejected"]
+    manifest = _finish_output(outputs[0], extra)
     manifest["output"] = outputs[0].out
     return manifest
 
@@ -404,10 +404,10 @@ class _Output:
     paths: list[str]
     shards: list[dict]
     todo: list[dict]
-    settings: object
+    settings: ScoringSettings
     plan: dict
-    started: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    t0: float = field(default_factory=time.time)
+    started: str
+    t0: float
     last_report: float | None = None
 
     @property
@@ -435,10 +435,10 @@ def _plan_output(cfg: ScoreConfig, gates: str | None, out: str, label: str = "")
     return _Output(cfg, gates, out, label, paths, shards, todo, settings, plan, started, t0)
 
 
-def _finish_output(o: _Output) -> dict:
+def _finish_output(o: _Output, extra: dict | None = None) -> dict:
     """Check one output (every row scored or rejected once) and write its manifest."""
     manifest = _manifest(o)
-    manifest |= {"inputs": o.paths, "started_at": o.started}
+    manifest |= {"inputs": o.paths, "started_at": o.started} | (extra or {})
     manifest["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     write_json(os.path.join(o.out, MANIFEST_FILE), manifest)
     return manifest
