@@ -23,8 +23,8 @@ import traceback
 
 KEEP = re.compile(r"^(\[[a-z_]+\] |=== |ray: |\| |warning: )")
 """Lines meant for people: qgate's stage tags, stage headers, tables and warnings."""
-PROGRESS = re.compile(r"^\[[a-z_]+\] (step \d+/\d+|shard |signed \d+/)")
-"""Lines that update one live progress line."""
+PROGRESS = re.compile(r"^\[[a-z_]+\] (step \d+/\d+|([a-z]+ )*shard |signed \d+/)")
+"""Lines that update one live progress line (``[score] head negatives shard ..`` too)."""
 PROGRESS_EVERY_S = 15.0
 _RAY_PREFIX = re.compile(r"^(\x1b\[[0-9;]*m)*\(.*?pid=\d+[^)]*\)(\x1b\[[0-9;]*m)* ?")
 """Ray's prefix of a forwarded worker line: ``(MapWorker(MapBatches(X)) pid=12, ip=..)``."""

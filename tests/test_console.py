@@ -19,6 +19,7 @@ SCRIPT = textwrap.dedent(
         print("Starting execution of Dataset dataset_1 (ray data chatter)")
         print("(MapWorker(MapBatches(ShardScorer)) pid=123) [score] shard 00000-000000: 60 scored")
         print("(MapWorker(MapBatches(ShardScorer)) pid=123) [score] shard 00000-000001: 60 scored")
+        print("[score] head negatives shard 00000-000000: 24 scored")
         print("(RayTrainWorker pid=9) Reporting training result 1: TrainingReport(...)")
         os.write(2, b"C-level stderr write\\n")
         logging.getLogger("ray.data").info("a library log line")
@@ -54,6 +55,7 @@ def test_terminal_shows_only_qgate_lines_and_the_log_holds_everything(tmp_path):
     # a worker's progress line, its Ray prefix stripped (the first; later ones are throttled)
     assert term.count("[score] shard 00000-000000: 60 scored") == 1
     assert not any("Dataset" in t or "TrainingReport" in t or "000001" in t for t in term)
+    assert not any("head negatives shard" in t for t in term)  # a progress line: throttled
     assert p.stderr == ""
     log = (tmp_path / "logs" / "score.log").read_text()
     for text in (
@@ -63,6 +65,7 @@ def test_terminal_shows_only_qgate_lines_and_the_log_holds_everything(tmp_path):
         "a library log line",
         "a deprecation nobody can act on",
         "[score] shard 00000-000001",
+        "[score] head negatives shard 00000-000000",
     ):
         assert text in log, text
 
