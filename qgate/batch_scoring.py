@@ -632,7 +632,7 @@ def _run_pipeline(cfg, gates, outputs: list[_Output], todo: list[dict], fault: d
     import ray
     import ray.data
 
-    from qgate.watchdog import Watchdog, arrivals
+    from qgate.watchdog import shard_summaries
 
     cpus, threads = actor_layout(cfg, ray.cluster_resources().get("CPU", 0))
     runtime = {"device": cfg.device, "threads": threads, "batch_tokens": cfg.batch_tokens}
@@ -658,20 +658,16 @@ def _run_pipeline(cfg, gates, outputs: list[_Output], todo: list[dict], fault: d
     )
     seen: set[tuple[int, str]] = set()
     done = {i: [0, 0] for i in range(len(outputs))}  # rows, tokens
-    for row in Watchdog("score").watch(arrivals(ds)):  # a tick per shard summary
-        info = json.loads(row["info"])
-        key = (info["output"], info["shard"])
-        if key in seen:  # a retried shard reports twice; its files were replaced
-            continue
-        seen.add(key)
+    n_rows = [sum(o.expected[s["shard"]] for s in o.todo) for o in outputs]
+    for info in shard_summaries(ds, "score"):
+        seen.add((info["output"], info["shard"]))
         o, d = outputs[info["output"]], done[info["output"]]
         o.last_report = time.time()
         d[0], d[1] = d[0] + info["rows"], d[1] + info["tokens"]
-        n_rows = sum(o.expected[s["shard"]] for s in o.todo)
         rate = d[1] / max(o.last_report - o.t0, 1e-9)
         print(
             f"[score] {o.label}shard {info['shard']}: {info['scored']} scored, {info['rejected']} "
-            f"rejected ({d[0]}/{n_rows} rows, {rate:.0f} tok/s)",
+            f"rejected ({d[0]}/{n_rows[info['output']]} rows, {rate:.0f} tok/s)",
             flush=True,
         )
         if fault.get("stop_after_shards") and len(seen) >= fault["stop_after_shards"]:

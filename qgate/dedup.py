@@ -331,7 +331,7 @@ def _sign(cfg: DedupConfig, out: str, todo: list[dict], t0: float) -> None:
     """Sign the shards still to do with Ray Data tasks, printing progress per shard."""
     import ray.data
 
-    from qgate.watchdog import Watchdog, arrivals
+    from qgate.watchdog import shard_summaries
 
     ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
         _sign_batch,
@@ -339,12 +339,8 @@ def _sign(cfg: DedupConfig, out: str, todo: list[dict], t0: float) -> None:
         batch_size=1,
         num_cpus=cfg.num_cpus,
     )
-    n_rows, seen, rows_done = sum(s["stop"] - s["start"] for s in todo), set(), 0
-    for row in Watchdog("dedup").watch(arrivals(ds)):
-        info = json.loads(row["info"])
-        if info["shard"] in seen:  # a retried shard reports twice
-            continue
-        seen.add(info["shard"])
+    n_rows, rows_done = sum(s["stop"] - s["start"] for s in todo), 0
+    for info in shard_summaries(ds, "dedup"):
         rows_done += info["rows"]
         rate = rows_done / max(time.time() - t0, 1e-9)
         print(f"[dedup] signed {rows_done}/{n_rows} rows ({rate:.0f} rows/s)", flush=True)

@@ -1,6 +1,6 @@
 """Stall watchdog: when a stage makes no progress, one line saying what Ray is waiting for.
 
-    for summary in Watchdog("score").watch(arrivals(ds)):  # progress: an item arrives
+    for info in shard_summaries(ds, "score"):  # progress: a shard's summary arrives
         ...
     with Watchdog("warmup", ticks=False):  # no ticks: speaks only while Ray waits on something
         trainer.fit()
@@ -38,6 +38,22 @@ def arrivals(ds):
         cols = list(batch)
         for i in range(len(batch[cols[0]]) if cols else 0):
             yield {c: batch[c][i] for c in cols}
+
+
+def shard_summaries(ds, stage: str):
+    """Each shard's summary (the ``info`` JSON column of a per-shard stage) once, as its
+    shard finishes, with the stall watchdog ticking. A retried shard (its actor or task
+    died after reporting) reports twice; its files were replaced, so the repeat is dropped.
+    A summary with an ``output`` (the score job's corpus or head negatives) is keyed by it."""
+    import json
+
+    seen: set[tuple] = set()
+    for row in Watchdog(stage).watch(arrivals(ds)):
+        info = json.loads(row["info"])
+        key = (info.get("output"), info["shard"])
+        if key not in seen:
+            seen.add(key)
+            yield info
 
 
 def stall_seconds_from_env() -> float:
