@@ -28,7 +28,7 @@ demo: install
 
 # pytest exit 5 (no tests collected) is a failure: CI must run the suite.
 test: install-dev
-	$(PYTHON) -m pytest -q; rc=$$?; \
+	$(PYTHON) -m pytest -q --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 lint:

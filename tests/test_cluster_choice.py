@@ -192,7 +192,10 @@ def test_stale_cluster_file_still_runs_embedded(stale_run, corpus):
 
 def test_normal_exit_leaves_no_session_process(stale_run):
     """Guards against a finished stage leaving its raylet, GCS, agents or workers behind."""
-    assert {"gcs_server", "raylet", "ray::DashboardAgent"} <= stale_run["names"]
+    names = stale_run["names"]
+    # The session was seen (its GCS, raylet and a worker), so an empty `left` means something.
+    # Not the agents by name: on a slow machine a short stage can end before they set it.
+    assert {"gcs_server", "raylet"} <= names and any(n.startswith("ray::") for n in names)
     assert stale_run["left"] == []
 
 
