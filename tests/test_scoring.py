@@ -206,7 +206,10 @@ def test_interrupted_driver_resumes_without_duplicates(tiny_model, corpus, ray_s
     with pytest.raises(ScoringError, match="fault injection"):
         run_scoring(cfg, fault={"stop_after_shards": 2})
     assert not os.path.exists(tmp_path / "s" / MANIFEST_FILE)
-    done = sorted(os.listdir(tmp_path / "s" / "_shards"))
+    # only finished markers: a shard still in flight when the driver stopped may be
+    # mid-write (its temp file comes and goes) and is rightly re-scored or kept on resume
+    done = sorted(d for d in os.listdir(tmp_path / "s" / "_shards") if d.endswith(".json"))
+    assert len(done) >= 2
     mtimes = {d: os.path.getmtime(tmp_path / "s" / "_shards" / d) for d in done}
     m = run_scoring(cfg)
     assert all(os.path.getmtime(tmp_path / "s" / "_shards" / d) == t for d, t in mtimes.items())
