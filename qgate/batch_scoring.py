@@ -15,6 +15,7 @@ model load per job.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -659,19 +660,21 @@ def _run_pipeline(cfg, gates, outputs: list[_Output], todo: list[dict], fault: d
     seen: set[tuple[int, str]] = set()
     done = {i: [0, 0] for i in range(len(outputs))}  # rows, tokens
     n_rows = [sum(o.expected[s["shard"]] for s in o.todo) for o in outputs]
-    for info in shard_summaries(ds, "score"):
-        seen.add((info["output"], info["shard"]))
-        o, d = outputs[info["output"]], done[info["output"]]
-        o.last_report = time.time()
-        d[0], d[1] = d[0] + info["rows"], d[1] + info["tokens"]
-        rate = d[1] / max(o.last_report - o.t0, 1e-9)
-        print(
-            f"[score] {o.label}shard {info['shard']}: {info['scored']} scored, {info['rejected']} "
-            f"rejected ({d[0]}/{n_rows[info['output']]} rows, {rate:.0f} tok/s)",
-            flush=True,
-        )
-        if fault.get("stop_after_shards") and len(seen) >= fault["stop_after_shards"]:
-            raise ScoringError(f"fault injection: driver stopped after {len(seen)} shard(s)")
+    # closed on any exit: a driver that raises must stop the actors, not leave them scoring
+    with contextlib.closing(shard_summaries(ds, "score")) as summaries:
+        for info in summaries:
+            seen.add((info["output"], info["shard"]))
+            o, d = outputs[info["output"]], done[info["output"]]
+            o.last_report = time.time()
+            d[0], d[1] = d[0] + info["rows"], d[1] + info["tokens"]
+            rate = d[1] / max(o.last_report - o.t0, 1e-9)
+            print(
+                f"[score] {o.label}shard {info['shard']}: {info['scored']} scored, {info['rejected']} "
+                f"rejected ({d[0]}/{n_rows[info['output']]} rows, {rate:.0f} tok/s)",
+                flush=True,
+            )
+            if fault.get("stop_after_shards") and len(seen) >= fault["stop_after_shards"]:
+                raise ScoringError(f"fault injection: driver stopped after {len(seen)} shard(s)")
     missing = sorted(s["shard"] for s in todo if (s["output"], s["shard"]) not in seen)
     if missing:
         raise ScoringError(f"shards never reported back: {missing[:10]}")

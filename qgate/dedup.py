@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -340,10 +341,11 @@ def _sign(cfg: DedupConfig, out: str, todo: list[dict], t0: float) -> None:
         num_cpus=cfg.num_cpus,
     )
     n_rows, rows_done = sum(s["stop"] - s["start"] for s in todo), 0
-    for info in shard_summaries(ds, "dedup"):
-        rows_done += info["rows"]
-        rate = rows_done / max(time.time() - t0, 1e-9)
-        print(f"[dedup] signed {rows_done}/{n_rows} rows ({rate:.0f} rows/s)", flush=True)
+    with contextlib.closing(shard_summaries(ds, "dedup")) as summaries:
+        for info in summaries:
+            rows_done += info["rows"]
+            rate = rows_done / max(time.time() - t0, 1e-9)
+            print(f"[dedup] signed {rows_done}/{n_rows} rows ({rate:.0f} rows/s)", flush=True)
 
 
 def _write_outcome(out: str, arrays: dict, rep, code) -> None:

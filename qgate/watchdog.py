@@ -1,7 +1,8 @@
 """Stall watchdog: when a stage makes no progress, one line saying what Ray is waiting for.
 
-    for info in shard_summaries(ds, "score"):  # progress: a shard's summary arrives
-        ...
+    with contextlib.closing(shard_summaries(ds, "score")) as summaries:
+        for info in summaries:  # progress: a shard's summary arrives
+            ...
     with Watchdog("warmup", ticks=False):  # no ticks: speaks only while Ray waits on something
         trainer.fit()
 
@@ -44,7 +45,10 @@ def shard_summaries(ds, stage: str):
     """Each shard's summary (the ``info`` JSON column of a per-shard stage) once, as its
     shard finishes, with the stall watchdog ticking. A retried shard (its actor or task
     died after reporting) reports twice; its files were replaced, so the repeat is dropped.
-    A summary with an ``output`` (the score job's corpus or head negatives) is keyed by it."""
+    A summary with an ``output`` (the score job's corpus or head negatives) is keyed by it.
+    Close it (``contextlib.closing``) so that a consumer that raises stops the dataset then
+    and there: one still referenced (bound to a name in a frame that a kept traceback holds)
+    goes on scoring and writing in the background (measured on Ray 2.60)."""
     import json
 
     seen: set[tuple] = set()

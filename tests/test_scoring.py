@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -112,12 +113,12 @@ def _all_ids(out):
     scored = [
         sid
         for p in sorted(os.listdir(out))
-        if p.startswith("part-")
+        if p.startswith("part-") and p.endswith(".parquet")
         for sid in pq.read_table(os.path.join(out, p)).column("sample_id").to_pylist()
     ]
     rej_dir = os.path.join(out, "rejects")
     rejects = {}
-    for p in sorted(os.listdir(rej_dir)):
+    for p in sorted(n for n in os.listdir(rej_dir) if n.endswith(".parquet")):
         t = pq.read_table(os.path.join(rej_dir, p)).to_pylist()
         for r in t:
             rejects.setdefault(r["sample_id"], []).append(r["reason"])
@@ -201,15 +202,23 @@ def test_killed_actor_job_completes(tiny_model, corpus, ray_session, tmp_path):
 
 
 def test_interrupted_driver_resumes_without_duplicates(tiny_model, corpus, ray_session, tmp_path):
-    """Guards against a re-launch appending, re-scoring done shards, or losing rows."""
+    """Guards against a re-launch appending, re-scoring done shards, or losing rows, and
+    against a driver that raised leaving its actor pool running while the exception lives
+    (a notebook keeps the last traceback)."""
     cfg = _score_cfg(tiny_model, [corpus["pool"]], str(tmp_path / "s"))
-    with pytest.raises(ScoringError, match="fault injection"):
+    cpus = ray_session.available_resources().get("CPU", 0.0)
+    with pytest.raises(ScoringError, match="fault injection") as stopped:
         run_scoring(cfg, fault={"stop_after_shards": 2})
+    deadline = time.time() + 8.0  # the pool is stopped, not left to finish the corpus
+    while ray_session.available_resources().get("CPU", 0.0) < cpus and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray_session.available_resources().get("CPU", 0.0) >= cpus, "actors outlived the raise"
+    assert stopped.value.__traceback__ is not None  # the traceback was alive all along
     assert not os.path.exists(tmp_path / "s" / MANIFEST_FILE)
-    # only finished markers: a shard still in flight when the driver stopped may be
-    # mid-write (its temp file comes and goes) and is rightly re-scored or kept on resume
+    # only finished markers: a shard in flight when the driver stopped may have left its
+    # temp file behind (the full suite once saw one come and go), which resume ignores
     done = sorted(d for d in os.listdir(tmp_path / "s" / "_shards") if d.endswith(".json"))
-    assert len(done) >= 2
+    assert 2 <= len(done) < len(D.read_corpus(corpus["pool"])[0]) // 40
     mtimes = {d: os.path.getmtime(tmp_path / "s" / "_shards" / d) for d in done}
     m = run_scoring(cfg)
     assert all(os.path.getmtime(tmp_path / "s" / "_shards" / d) == t for d, t in mtimes.items())
