@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qgate.atomic import write_json, write_parquet
+from qgate.atomic import remove_stale_temps, write_json, write_parquet
 from qgate.config import ScoreConfig, stage_dir
 from qgate.config_io import to_dict
 from qgate.data import (
@@ -437,8 +437,14 @@ def _plan_output(cfg: ScoreConfig, gates: str | None, out: str, label: str = "")
 
 
 def _finish_output(o: _Output, extra: dict | None = None) -> dict:
-    """Check one output (every row scored or rejected once) and write its manifest."""
+    """Check one output (every row scored or rejected once), remove the temp files a killed
+    writer of an earlier run left, and write its manifest."""
     manifest = _manifest(o)
+    stale = sum(
+        remove_stale_temps(os.path.join(o.out, d), o.t0) for d in ("", REJECTS_DIR, SHARDS_DIR)
+    )
+    if stale:
+        print(f"[score] {o.label}removed {stale} temp file(s) a killed writer left", flush=True)
     manifest |= {"inputs": o.paths, "started_at": o.started} | (extra or {})
     manifest["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     write_json(os.path.join(o.out, MANIFEST_FILE), manifest)

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qgate.atomic import write_json, write_parquet
+from qgate.atomic import remove_stale_temps, write_json, write_parquet
 from qgate.config import DedupConfig, MinHash, stage_dir
 from qgate.config_io import to_dict
 from qgate.data import (
@@ -395,8 +395,13 @@ def _write_outcome(out: str, arrays: dict, rep, code) -> None:
 
 
 def _finish(cfg, out, shards, paths, n_signed, n_kept, t0, t_sign, t_cluster) -> dict:
-    """Count, check rows in = kept + rejected, and write the manifest."""
+    """Count, check rows in = kept + rejected, remove the temp files a killed writer of an
+    earlier run left, and write the manifest."""
     rej_dir = os.path.join(out, REJECTS_DIR)
+    dirs = ("", SIGNATURES_DIR, REJECTS_DIR, SHARDS_DIR)
+    stale = sum(remove_stale_temps(os.path.join(out, d), t0) for d in dirs)
+    if stale:
+        print(f"[dedup] removed {stale} temp file(s) a killed writer left", flush=True)
     reasons: Counter = Counter()
     for p in sorted(os.listdir(rej_dir)):
         if p.endswith(".parquet"):

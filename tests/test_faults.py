@@ -202,6 +202,12 @@ def test_sigkill_of_the_driver_then_relaunch(tiny_model, big_pool, tmp_path):
         assert 1 <= len(done) < N_SHARDS  # killed mid-job
         assert not os.path.exists(os.path.join(out, MANIFEST_FILE))
         mtimes = {d: os.stat(d).st_mtime_ns for d in done}
+        # what a writer killed mid-write can leave (whether this kill did is down to timing)
+        stale = [os.path.join(out, "part-00000-000001.parquet.0badcafe.tmp")]
+        stale.append(os.path.join(out, SHARDS_DIR, "00000-000001.json.deadbeef.tmp"))
+        for path in stale:
+            open(path, "wb").close()
+            os.utime(path, (time.time() - 60, time.time() - 60))
 
         again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
@@ -211,6 +217,8 @@ def test_sigkill_of_the_driver_then_relaunch(tiny_model, big_pool, tmp_path):
         with open(os.path.join(out, MANIFEST_FILE)) as f:
             m = json.load(f)
         assert_exactly_once(out, ids, m)
+        left = [n for _, _, files in os.walk(out) for n in files if n.endswith(".tmp")]
+        assert not left and "temp file(s) a killed writer left" in again.stdout, left
     finally:
         if first.poll() is None:
             first.kill()
