@@ -320,11 +320,11 @@ def naive_stats(model, chunk: list[dict], pad_id: int, device: str) -> list[dict
 def body_forward(model, window: list[dict], pad_id: int, batch_tokens: int, device: str) -> None:
     """(d): the decoder body alone over (c)'s micro-batches; no LM head, no statistics."""
     from qgate.model import gated_mlps
-    from qgate.scoring import micro_batches
+    from qgate.scoring import device_call_tokens, micro_batches
 
     decoder = model.get_decoder()
     lengths = [len(s["input_ids"]) for s in window]
-    for group in micro_batches(lengths, batch_tokens):
+    for group in micro_batches(lengths, batch_tokens, device_call_tokens(device)):
         width = lengths[group[0]]  # longest first
         ids = _pad([window[i]["input_ids"] for i in group], pad_id, width, device)
         attn = _pad([[1] * lengths[i] for i in group], 0, width, device)

@@ -18,7 +18,7 @@ from qgate.batch_scoring import MANIFEST_FILE, ScoringError, run_scoring
 from qgate.config import ScoreConfig
 from qgate.config_io import load_config
 from qgate.model import gate_parameters, load_gated_model
-from qgate.scoring import score_batch, tokenize_for_scoring
+from qgate.scoring import micro_batches, score_batch, tokenize_for_scoring
 
 ALPHA, EPS = 1.0, 1e-8
 
@@ -43,12 +43,49 @@ def test_padding_invariance(gated, corpus):
     model, tok = gated
     samples = _samples(tok, corpus, 8, ifd=True)
     assert len({len(s["input_ids"]) for s in samples}) > 2  # really mixed lengths
-    together = score_batch(model, samples, pad_id=tok.pad_token_id, ifd=True, batch_tokens=4096)
+    one_call = 10**9  # a call costlier than any padding: the 8 samples share one padded batch
+    assert len(micro_batches([len(s["input_ids"]) for s in samples], 4096, one_call)) == 1
+    together = score_batch(
+        model, samples, pad_id=tok.pad_token_id, ifd=True, batch_tokens=4096, call_tokens=one_call
+    )
     for s, t in zip(samples, together):
         alone = score_batch(model, [s], pad_id=tok.pad_token_id, ifd=True)[0]
         assert abs(alone["nll"] - t["nll"]) < 1e-5 and abs(alone["ifd"] - t["ifd"]) < 1e-5
         for k in ("gate", "gate_mean", "embedding"):
             np.testing.assert_allclose(alone[k], t[k], atol=1e-5)
+
+
+def test_micro_batches_are_the_cheapest_partition_under_the_cap():
+    """Guards against micro-batches that pad far more than they must (cutting greedily at the
+    token cap padded a 64-row shard to twice its tokens) or that break the cap or lose rows:
+    checked against every partition of the longest-first order."""
+    import itertools
+
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        n = int(rng.integers(1, 9))
+        lengths = [int(x) for x in rng.integers(1, 60, n)]
+        cap, per_call = int(rng.integers(40, 200)), int(rng.integers(0, 50))
+        groups = micro_batches(lengths, cap, per_call)
+        assert sorted(i for g in groups for i in g) == list(range(n))
+        assert all(len(g) == 1 or len(g) * max(lengths[i] for i in g) <= cap for g in groups)
+
+        def cost(gs, lengths=lengths, per_call=per_call):
+            return sum(len(g) * max(lengths[i] for i in g) + per_call for g in gs)
+
+        order = sorted(range(n), key=lambda i: (-lengths[i], i))
+        best = float("inf")
+        for cuts in itertools.product([False, True], repeat=n - 1):
+            gs, cur = [], [order[0]]
+            for i, cut in zip(order[1:], cuts):
+                if cut:
+                    gs.append(cur)
+                    cur = []
+                cur.append(i)
+            gs.append(cur)
+            if all(len(g) == 1 or len(g) * max(lengths[i] for i in g) <= cap for g in gs):
+                best = min(best, cost(gs))
+        assert cost(groups) == best, (trial, lengths, cap, per_call)
 
 
 def test_gate_scores_match_independent_computation(gated, tiny_model, corpus):
