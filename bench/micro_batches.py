@@ -69,12 +69,12 @@ def main(argv=None) -> int:
         samples = B.tokenize_corpus(path, tok, 1024)[0]
     new_rule = S.micro_batches
     rules = {"greedy at cap": greedy_at_cap, "least compute": new_rule}
+    per_call = S.device_call_tokens("cpu")
     for n in a.windows:
         window = samples[:n]
         lengths = [len(s["input_ids"]) for s in window]
         secs = dict.fromkeys(rules, 0.0)
         out = {}
-        per_call = S.device_call_tokens("cpu")
         for r in range(a.rounds):
             for name in list(rules)[:: 1 if r % 2 == 0 else -1]:
                 S.micro_batches = rules[name]

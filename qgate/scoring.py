@@ -49,9 +49,8 @@ thousands of tokens), so on a GPU the groups stay about as few as the token cap 
 
 
 def device_call_tokens(device) -> int:
-    """:data:`CALL_TOKENS` for a torch device (or its type name)."""
-    kind = getattr(device, "type", str(device))
-    return CALL_TOKENS.get(kind, CALL_TOKENS["cuda"])
+    """:data:`CALL_TOKENS` for a torch device (or its name); other accelerators as CUDA."""
+    return CALL_TOKENS.get(torch.device(device).type, CALL_TOKENS["cuda"])
 
 
 def micro_batches(
@@ -62,8 +61,9 @@ def micro_batches(
     ``call_tokens`` a group, for a forward call's fixed cost.
 
     Cutting greedily at the token cap padded a 64-row shard of 16-512-token rows to about 2x
-    its tokens (1.16x at 1,000 rows; bench/micro_batches.py); this exact partition of the sorted rows (a shortest-path
-    over cut points, one vectorised step per row) keeps only the padding that saves calls."""
+    its tokens (1.16x at 1,000 rows; bench/micro_batches.py). This exact partition of the
+    sorted rows (a shortest path over cut points, one vectorised step per row) keeps only
+    the padding that saves calls."""
     n = len(lengths)
     if n == 0:
         return []
@@ -184,9 +184,9 @@ def score_batch(
         raise ValueError("score_batch needs a gated model (load it with load_gated_model)")
     results: list[dict | None] = [None] * len(samples)
     lengths = [len(s["input_ids"]) for s in samples]
-    device = next(model.parameters()).device
-    per_call = device_call_tokens(device) if call_tokens is None else call_tokens
-    for group in micro_batches(lengths, batch_tokens, per_call):
+    if call_tokens is None:
+        call_tokens = device_call_tokens(next(model.parameters()).device)
+    for group in micro_batches(lengths, batch_tokens, call_tokens):
         st = _forward_stats(
             model,
             [samples[i]["input_ids"] for i in group],
@@ -216,7 +216,7 @@ def score_batch(
             results[i] = r
     if ifd:
         lens = [len(s["answer_input_ids"]) for s in samples]
-        for group in micro_batches(lens, batch_tokens, per_call):
+        for group in micro_batches(lens, batch_tokens, call_tokens):
             st = _forward_stats(
                 model,
                 [samples[i]["answer_input_ids"] for i in group],
