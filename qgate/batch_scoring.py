@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from qgate.readers import plan_shards
 from qgate.scores import (
     MANIFEST_FILE,
     PLAN_FILE,
+    PROGRESS_DIR,
     REJECT_SCHEMA,
     REJECTS_DIR,
     SCHEMA_VERSION,
@@ -167,15 +169,20 @@ class ShardScorer:
 
     def run_shard(self, item: dict, output: int = 0) -> dict:
         """Read, score and write one shard into output ``output``; returns its summary."""
-        o = self.outputs[output]
+        from qgate.watchdog import beat, end_beat
+
+        o, shard = self.outputs[output], str(item["shard"])
+        beats = os.path.join(o["out"], PROGRESS_DIR)
         t0 = time.perf_counter()
         rows = read_shard(item, o["scorer"], o["minhash"])
         ok = sorted((r for r in rows if not r["reason"]), key=lambda r: -r["n_tokens"])
         for s in range(0, len(ok), self.window):  # length-sorted windows: little padding
+            beat(beats, shard, s, len(ok))  # the driver's watchdog: a long shard is alive
             window = ok[s : s + self.window]
             for row, st in zip(window, score_isolating(o["scorer"], window), strict=True):
                 row |= st
-        info = write_shard(o["out"], str(item["shard"]), rows, o["schema"])
+        info = write_shard(o["out"], shard, rows, o["schema"])
+        end_beat(beats, shard)
         info["seconds"] = round(time.perf_counter() - t0, 3)
         self.metrics.shard(info)
         return info
@@ -420,6 +427,8 @@ def _plan_output(cfg: ScoreConfig, gates: str | None, out: str, label: str = "")
     """Plan (or re-check, on resume) one output directory; print what is left to score."""
     os.makedirs(os.path.join(out, REJECTS_DIR), exist_ok=True)
     os.makedirs(os.path.join(out, SHARDS_DIR), exist_ok=True)
+    shutil.rmtree(os.path.join(out, PROGRESS_DIR), ignore_errors=True)  # a killed run's beats
+    os.makedirs(os.path.join(out, PROGRESS_DIR))
     t0, started = time.time(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     paths = expand_paths(cfg.corpus)
     shards = plan_shards(paths, cfg.rows_per_shard)
@@ -445,6 +454,7 @@ def _finish_output(o: _Output, extra: dict | None = None) -> dict:
     )
     if stale:
         print(f"[score] {o.label}removed {stale} temp file(s) a killed writer left", flush=True)
+    shutil.rmtree(os.path.join(o.out, PROGRESS_DIR), ignore_errors=True)
     manifest |= {"inputs": o.paths, "started_at": o.started} | (extra or {})
     manifest["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     write_json(os.path.join(o.out, MANIFEST_FILE), manifest)
@@ -639,7 +649,7 @@ def _run_pipeline(cfg, gates, outputs: list[_Output], todo: list[dict], fault: d
     import ray
     import ray.data
 
-    from qgate.watchdog import shard_summaries
+    from qgate.watchdog import Heartbeats, shard_summaries
 
     cpus, threads = actor_layout(cfg, ray.cluster_resources().get("CPU", 0))
     runtime = {"device": cfg.device, "threads": threads, "batch_tokens": cfg.batch_tokens}
@@ -667,7 +677,8 @@ def _run_pipeline(cfg, gates, outputs: list[_Output], todo: list[dict], fault: d
     done = {i: [0, 0] for i in range(len(outputs))}  # rows, tokens
     n_rows = [sum(o.expected[s["shard"]] for s in o.todo) for o in outputs]
     # closed on any exit: a driver that raises must stop the actors, not leave them scoring
-    with contextlib.closing(shard_summaries(ds, "score")) as summaries:
+    beats = Heartbeats([os.path.join(o.out, PROGRESS_DIR) for o in outputs])
+    with contextlib.closing(shard_summaries(ds, "score", progress=beats)) as summaries:
         for info in summaries:
             seen.add((info["output"], info["shard"]))
             o, d = outputs[info["output"]], done[info["output"]]

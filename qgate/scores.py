@@ -22,6 +22,7 @@ from qgate import data
 PLAN_FILE = "_plan.json"
 MANIFEST_FILE = "_manifest.json"
 SHARDS_DIR = "_shards"
+PROGRESS_DIR = "_progress"  # heartbeats of the shards being scored; gone when a job ends
 REJECTS_DIR = "rejects"
 SCHEMA_VERSION = 1
 BATCH_ROWS = 65536

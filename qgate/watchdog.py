@@ -13,10 +13,18 @@ groups pending, tasks waiting for a node, and the cluster's total vs available r
     creation, needing {CPU: 4}; the cluster has {CPU: 2} available of {CPU: 2} in total
 
 ``QGATE_STALL_S`` sets the threshold (default 120 s; 0 turns the watchdog off).
+
+A shard can take longer than that on a slow model. Workers then write heartbeats
+(``beat``: rows done of the shard, into a directory beside the outputs) and the driver
+passes a ``Heartbeats`` reader as ``progress``: a beat counts as progress, and a stall line
+names the last one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import re
 import sys
 import threading
@@ -41,18 +49,17 @@ def arrivals(ds):
             yield {c: batch[c][i] for c in cols}
 
 
-def shard_summaries(ds, stage: str):
+def shard_summaries(ds, stage: str, progress=None):
     """Each shard's summary (the ``info`` JSON column of a per-shard stage) once, as its
     shard finishes, with the stall watchdog ticking. A retried shard (its actor or task
     died after reporting) reports twice; its files were replaced, so the repeat is dropped.
     A summary with an ``output`` (the score job's corpus or head negatives) is keyed by it.
     Close it (``contextlib.closing``) so that a consumer that raises stops the dataset then
     and there: one still referenced (bound to a name in a frame that a kept traceback holds)
-    goes on scoring and writing in the background (measured on Ray 2.60)."""
-    import json
-
+    goes on scoring and writing in the background (measured on Ray 2.60). ``progress``
+    (e.g. ``Heartbeats``) is passed to the watchdog."""
     seen: set[tuple] = set()
-    for row in Watchdog(stage).watch(arrivals(ds)):
+    for row in Watchdog(stage, progress=progress).watch(arrivals(ds)):
         info = json.loads(row["info"])
         key = (info.get("output"), info["shard"])
         if key not in seen:
@@ -60,10 +67,52 @@ def shard_summaries(ds, stage: str):
             yield info
 
 
+def beat(directory: str, shard: str, done: int, total: int) -> None:
+    """Record, from the worker scoring ``shard``, that ``done`` of its ``total`` rows are
+    done: what keeps the driver's watchdog quiet while a long shard is being worked on."""
+    from qgate.atomic import write_json
+
+    write_json(os.path.join(directory, f"{shard}.json"), [done, total], indent=None)
+
+
+def end_beat(directory: str, shard: str) -> None:
+    """Remove ``shard``'s heartbeat once its summary is on its way (it no longer needs one)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(directory, f"{shard}.json"))
+
+
+class Heartbeats:
+    """The driver's view of the workers' heartbeats in some directories: called, it returns
+    ``(key, text)`` for the newest beat (``key`` changes with every beat; ``text`` says what
+    it reported), or None when there is none."""
+
+    def __init__(self, directories: list[str]) -> None:
+        self.directories = list(directories)
+
+    def __call__(self) -> tuple | None:
+        newest = None
+        for d in self.directories:
+            with contextlib.suppress(FileNotFoundError):
+                for entry in os.scandir(d):
+                    if not entry.name.endswith(".json"):  # an atomic writer's temp file
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        mtime = entry.stat().st_mtime_ns
+                        if newest is None or mtime > newest[0]:
+                            newest = (mtime, entry.path)
+        if newest is None:
+            return None
+        try:
+            with open(newest[1], encoding="utf-8") as f:
+                done, total = json.load(f)
+        except (OSError, ValueError, TypeError):  # removed or replaced meanwhile
+            return None
+        shard = os.path.basename(newest[1])[: -len(".json")]
+        return (newest, done), f"shard {shard} had {done} of {total} rows done"
+
+
 def stall_seconds_from_env() -> float:
     """QGATE_STALL_S as seconds (default 120; 0 = off). ValueError names a bad value."""
-    import os
-
     raw = os.environ.get(STALL_ENV, "").strip()
     if not raw:
         return DEFAULT_STALL_S
@@ -222,8 +271,9 @@ def query_pending() -> Pending:
 class Watchdog:
     """A background thread that prints one line when the stage stalls (see the module doc).
 
-    ``ticks=True``: a stall is ``stall_seconds`` without ``tick()``; the line then says what
-    Ray waits on, or that nothing is pending. ``ticks=False`` (the caller cannot tick, e.g.
+    ``ticks=True``: a stall is ``stall_seconds`` without ``tick()`` or a change in
+    ``progress()`` (a ``Heartbeats``: see the module doc); the line then says what Ray waits
+    on, or that nothing is pending, and the last progress known. ``ticks=False`` (the caller cannot tick, e.g.
     around ``trainer.fit()``): a stall is Ray having something pending for ``stall_seconds``.
     One line per stall; the next tick (or the pending work starting) re-arms it.
     """
@@ -235,6 +285,7 @@ class Watchdog:
         *,
         ticks: bool = True,
         probe=query_pending,
+        progress=None,
         out=None,
         poll_s: float | None = None,
     ) -> None:
@@ -245,6 +296,8 @@ class Watchdog:
         self.ticks = ticks
         self.lines: list[str] = []  # what was printed
         self._probe = probe
+        self._progress = progress
+        self._mark = None  # progress()'s last answer
         self._out = out
         self._poll = poll_s or min(max(self.stall_seconds / 4, 0.25), 15.0)
         self._last = self._since = time.monotonic()
@@ -289,12 +342,18 @@ class Watchdog:
     def _check(self) -> None:
         now = time.monotonic()
         if self.ticks:
+            mark = self._progress() if self._progress is not None else None
+            if mark is not None and (self._mark is None or mark[0] != self._mark[0]):
+                self._mark = mark
+                self.tick()
+                return
             idle = now - self._last
             if self._reported or idle < self.stall_seconds:
                 return
             p = self._probe()
             self._reported = True
-            self._say(f"no progress for {idle:.0f} s: {describe(p)}")
+            last = f" (last: {self._mark[1]})" if self._mark else ""
+            self._say(f"no progress for {idle:.0f} s{last}: {describe(p)}")
             return
         p = self._probe()
         if not p.waiting:  # Ray is not waiting on anything: training is running

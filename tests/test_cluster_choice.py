@@ -23,7 +23,16 @@ import time
 import psutil
 import pytest
 
-from qgate.watchdog import Pending, Watchdog, arrivals, describe, stall_seconds_from_env
+from qgate.watchdog import (
+    Heartbeats,
+    Pending,
+    Watchdog,
+    arrivals,
+    beat,
+    describe,
+    end_beat,
+    stall_seconds_from_env,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINGER_AFTER_EXIT_S = 20  # the issue's bound: no process of the session left after this
@@ -454,6 +463,29 @@ def test_watchdog_one_line_per_stall_and_ticks_rearm():
     assert len(calls) == 2
     assert dog.lines[0].startswith("[t] no progress for 0 s: 1 actor (A) pending creation")
     assert out.getvalue().splitlines() == dog.lines
+
+
+def test_heartbeats_are_progress_and_the_stall_line_names_the_last(tmp_path):
+    """Guards against a false stall alarm while a long shard is being scored (no summary for
+    minutes, heartbeats all along), and against a real stall that says nothing of where it
+    stopped."""
+    beats = str(tmp_path)
+    out = io.StringIO()
+    probe = lambda: Pending(total={"CPU": 2.0}, available={"CPU": 0.0})  # noqa: E731
+    with Watchdog(
+        "t", stall_seconds=0.3, probe=probe, progress=Heartbeats([beats]), out=out, poll_s=0.02
+    ) as dog:
+        for done in range(20):  # 1 s without a tick, a beat every 0.05 s: no stall
+            beat(beats, "00000-000001", done, 40)
+            time.sleep(0.05)
+        assert dog.lines == []
+        time.sleep(0.6)  # the beats stop: one line, naming the last one
+        assert len(dog.lines) == 1
+        end_beat(beats, "00000-000001")
+    assert dog.lines[0].startswith(
+        "[t] no progress for 0 s (last: shard 00000-000001 had 19 of 40 rows done): nothing in"
+    )
+    assert os.listdir(beats) == []
 
 
 def test_watchdog_without_ticks_speaks_only_while_ray_waits():

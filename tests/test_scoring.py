@@ -222,10 +222,50 @@ def test_every_row_once_with_reasons(tiny_model, corpus, ray_session, tmp_path):
     assert sorted(scored) == sorted(good_ids) and len(scored) == len(set(scored))
     assert {k: v for k, v in rejects.items()} == {k: [v] for k, v in expected.items()}
     assert m["rows_in"] == 68 == m["scored"] + m["rejected"]
+    assert not os.path.exists(tmp_path / "scores" / "_progress")  # no heartbeat outlives a job
     assert m["rejects_by_reason"][D.DUPLICATE_ID] == 1
     table = pq.read_table(os.path.join(tmp_path / "scores", "part-00000-000000.parquet"))
     assert table.schema.field("gate").type == pa.list_(pa.float32(), 2)
     assert table.column("ifd").null_count == 0
+
+
+def test_a_shard_beats_while_it_is_scored(tiny_model, corpus, tmp_path):
+    """Guards against the score watchdog crying stall during a healthy long shard (a slow
+    model takes minutes per shard): the actor writes a heartbeat before each window, rows
+    done of the shard, and removes it once the shard is written."""
+    from qgate.batch_scoring import ShardScorer
+    from qgate.scorer import ScoringSettings
+    from qgate.watchdog import Heartbeats
+
+    out = tmp_path / "s"
+    beats = out / "_progress"
+    beats.mkdir(parents=True)
+    (out / "rejects").mkdir()
+    (out / "_shards").mkdir()
+    c = _score_cfg(tiny_model, [corpus["pool"]], str(out), "ifd=false")
+    names = ("max_length", "loss_on", "alpha", "eps", "embedding_dim", "embedding_seed", "ifd")
+    st = ScoringSettings.for_model(tiny_model, None, "float32", **{k: getattr(c, k) for k in names})
+    runtime = {"device": "cpu", "threads": 1, "batch_tokens": 2048, "debug_tokens": False}
+    actor = ShardScorer(
+        tiny_model, None, [{"settings": st.to_dict(), "out": str(out)}], runtime | {"batch_rows": 8}
+    )
+    seen = []
+    score = actor.outputs[0]["scorer"].score
+
+    def watched(encs):
+        seen.append(Heartbeats([str(beats)])())
+        return score(encs)
+
+    actor.outputs[0]["scorer"].score = watched
+    info = actor.run_shard(
+        {"shard": "00000-000000", "path": corpus["pool"], "start": 0, "stop": 30}
+    )
+    assert info["scored"] == 30
+    assert [text for _, text in seen] == [
+        f"shard 00000-000000 had {done} of 30 rows done" for done in (0, 8, 16, 24)
+    ]
+    assert len({key for key, _ in seen}) == 4  # each beat is new progress to the watchdog
+    assert os.listdir(beats) == [] and Heartbeats([str(beats)])() is None
 
 
 def test_killed_actor_job_completes(tiny_model, corpus, ray_session, tmp_path):
