@@ -16,8 +16,10 @@ groups pending, tasks waiting for a node, and the cluster's total vs available r
 
 A shard can take longer than that on a slow model. Workers then write heartbeats
 (``beat``: rows done of the shard, into a directory beside the outputs) and the driver
-passes a ``Heartbeats`` reader as ``progress``: a beat counts as progress, and a stall line
-names the last one.
+passes a ``Heartbeats`` reader as ``progress``: a beat counts as progress, a stall line
+names the last one, and a shard that runs long gets a progress line a minute:
+
+    [score] shard 00000-000003, 768 of 5000 rows done
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 
 STALL_ENV = "QGATE_STALL_S"
 DEFAULT_STALL_S = 120.0
+PROGRESS_EVERY_S = 60.0  # a progress line from heartbeats, at most this often
 _PG_RESOURCE = re.compile(r"^(.+?)_group_(?:\d+_)?[0-9a-f]{16,}$")  # CPU_group_0_<pg id>
 
 
@@ -57,9 +60,10 @@ def shard_summaries(ds, stage: str, progress=None):
     Close it (``contextlib.closing``) so that a consumer that raises stops the dataset then
     and there: one still referenced (bound to a name in a frame that a kept traceback holds)
     goes on scoring and writing in the background (measured on Ray 2.60). ``progress``
-    (e.g. ``Heartbeats``) is passed to the watchdog."""
+    (e.g. ``Heartbeats``) is passed to the watchdog, with a progress line a minute."""
     seen: set[tuple] = set()
-    for row in Watchdog(stage, progress=progress).watch(arrivals(ds)):
+    dog = Watchdog(stage, progress=progress, progress_every=PROGRESS_EVERY_S if progress else None)
+    for row in dog.watch(arrivals(ds)):
         info = json.loads(row["info"])
         key = (info.get("output"), info["shard"])
         if key not in seen:
@@ -108,7 +112,7 @@ class Heartbeats:
         except (OSError, ValueError, TypeError):  # removed or replaced meanwhile
             return None
         shard = os.path.basename(newest[1])[: -len(".json")]
-        return (newest, done), f"shard {shard} had {done} of {total} rows done"
+        return (newest, done), f"shard {shard}, {done} of {total} rows done"
 
 
 def stall_seconds_from_env() -> float:
@@ -273,8 +277,10 @@ class Watchdog:
 
     ``ticks=True``: a stall is ``stall_seconds`` without ``tick()`` or a change in
     ``progress()`` (a ``Heartbeats``: see the module doc); the line then says what Ray waits
-    on, or that nothing is pending, and the last progress known. ``ticks=False`` (the caller cannot tick, e.g.
-    around ``trainer.fit()``): a stall is Ray having something pending for ``stall_seconds``.
+    on, or that nothing is pending, and the last heartbeat. With ``progress_every``, a
+    heartbeat that comes that long after the last tick or progress line is printed.
+    ``ticks=False`` (the caller cannot tick, e.g. around ``trainer.fit()``): a stall is Ray
+    having something pending for ``stall_seconds``.
     One line per stall; the next tick (or the pending work starting) re-arms it.
     """
 
@@ -286,6 +292,7 @@ class Watchdog:
         ticks: bool = True,
         probe=query_pending,
         progress=None,
+        progress_every: float | None = None,
         out=None,
         poll_s: float | None = None,
     ) -> None:
@@ -298,16 +305,17 @@ class Watchdog:
         self._probe = probe
         self._progress = progress
         self._mark = None  # progress()'s last answer
+        self.progress_every = progress_every
         self._out = out
         self._poll = poll_s or min(max(self.stall_seconds / 4, 0.25), 15.0)
-        self._last = self._since = time.monotonic()
+        self._last = self._since = self._shown = time.monotonic()
         self._reported = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> Watchdog:
         if self.stall_seconds > 0:
-            self._last = self._since = time.monotonic()
+            self._last = self._since = self._shown = time.monotonic()
             self._thread = threading.Thread(
                 target=self._run, name=f"qgate-watchdog-{self.stage}", daemon=True
             )
@@ -320,8 +328,8 @@ class Watchdog:
             self._thread.join(timeout=1.0)  # a probe in flight is not waited for; it stays quiet
 
     def tick(self) -> None:
-        """The stage made progress."""
-        self._last = time.monotonic()
+        """The stage made progress (and said so: progress lines count from here)."""
+        self._last = self._shown = time.monotonic()
         self._reported = False
 
     def watch(self, items):
@@ -344,15 +352,17 @@ class Watchdog:
         if self.ticks:
             mark = self._progress() if self._progress is not None else None
             if mark is not None and (self._mark is None or mark[0] != self._mark[0]):
-                self._mark = mark
-                self.tick()
+                self._mark, self._last, self._reported = mark, now, False
+                if self.progress_every and now - self._shown >= self.progress_every:
+                    self._shown = now
+                    self._say(mark[1])
                 return
             idle = now - self._last
             if self._reported or idle < self.stall_seconds:
                 return
             p = self._probe()
             self._reported = True
-            last = f" (last: {self._mark[1]})" if self._mark else ""
+            last = f" (last heartbeat: {self._mark[1]})" if self._mark else ""
             self._say(f"no progress for {idle:.0f} s{last}: {describe(p)}")
             return
         p = self._probe()

@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -483,9 +484,35 @@ def test_heartbeats_are_progress_and_the_stall_line_names_the_last(tmp_path):
         assert len(dog.lines) == 1
         end_beat(beats, "00000-000001")
     assert dog.lines[0].startswith(
-        "[t] no progress for 0 s (last: shard 00000-000001 had 19 of 40 rows done): nothing in"
+        "[t] no progress for 0 s (last heartbeat: shard 00000-000001, 19 of 40 rows done): "
+        "nothing in"
     )
     assert os.listdir(beats) == []
+
+
+def test_a_long_shard_gets_progress_lines_from_its_heartbeats(tmp_path):
+    """Guards against a score log that stays silent for the whole of a long shard (5,000 rows
+    of a slow model: many minutes), or that repeats every heartbeat."""
+    beats = str(tmp_path)
+    with Watchdog(
+        "t",
+        stall_seconds=5,
+        progress=Heartbeats([beats]),
+        progress_every=0.25,
+        out=io.StringIO(),
+        poll_s=0.02,
+    ) as dog:
+        t0 = time.monotonic()
+        for done in range(0, 40):  # a beat every 0.03 s for 1.2 s: a line every 0.25 s
+            beat(beats, "00000-000002", done, 40)
+            time.sleep(0.03)
+        elapsed = time.monotonic() - t0
+        dog.tick()  # a summary arrives: the next line only 0.25 s after it
+        beat(beats, "00000-000002", 40, 40)
+        time.sleep(0.1)
+    assert 2 <= len(dog.lines) <= elapsed / 0.25 + 1 and len(dog.lines) < 20, dog.lines
+    assert all(re.fullmatch(r"\[t\] shard 00000-000002, \d+ of 40 rows done", x) for x in dog.lines)
+    assert "40 of 40" not in dog.lines[-1]
 
 
 def test_watchdog_without_ticks_speaks_only_while_ray_waits():

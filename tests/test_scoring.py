@@ -262,7 +262,7 @@ def test_a_shard_beats_while_it_is_scored(tiny_model, corpus, tmp_path):
     )
     assert info["scored"] == 30
     assert [text for _, text in seen] == [
-        f"shard 00000-000000 had {done} of 30 rows done" for done in (0, 8, 16, 24)
+        f"shard 00000-000000, {done} of 30 rows done" for done in (0, 8, 16, 24)
     ]
     assert len({key for key, _ in seen}) == 4  # each beat is new progress to the watchdog
     assert os.listdir(beats) == [] and Heartbeats([str(beats)])() is None
