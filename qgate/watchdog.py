@@ -136,6 +136,7 @@ class Pending:
     """What Ray is waiting on for this job, from its state API and resource view."""
 
     actors: list[tuple[str, dict]] = field(default_factory=list)  # (class, resources) each
+    building: list[tuple[str, int]] = field(default_factory=list)  # (class, pid): __init__ runs
     groups: list[tuple[list[dict], int]] = field(default_factory=list)  # (bundles, actors in it)
     tasks: list[tuple[str, dict]] = field(default_factory=list)  # (function, resources) each
     total: dict = field(default_factory=dict)
@@ -192,6 +193,12 @@ def _counted(items: list[tuple[str, dict]], noun: str, verb: str) -> list[str]:
 def describe(p: Pending) -> str:
     """One line: what is pending, what it needs, what the cluster has (total and free)."""
     parts = _counted(p.actors, "actor", "pending creation")
+    for name, n in Counter(name for name, _ in p.building).most_common(3):
+        pids = ", ".join(str(pid) for c, pid in p.building if c == name)
+        parts.append(
+            f"{n} actor{'s' if n > 1 else ''} ({name}) still in {'their' if n > 1 else 'its'} "
+            f"constructor (pid {pids}; loading a large model can take minutes)"
+        )
     for bundles, n_actors in p.groups[:3]:
         inside = f" ({n_actors} actor{'s' if n_actors != 1 else ''} wait in it)" if n_actors else ""
         parts.append(f"1 placement group pending{inside}, needing {_bundles(bundles)}")
@@ -260,7 +267,9 @@ def query_pending() -> Pending:
     in_group = Counter()
     pending_groups = {g.placement_group_id for g in groups}
     for a in actors:
-        if a.placement_group_id in pending_groups:
+        if a.pid:  # placed, its process up: PENDING_CREATION lasts while __init__ runs
+            p.building.append((a.class_name, a.pid))
+        elif a.placement_group_id in pending_groups:
             in_group[a.placement_group_id] += 1
         else:
             p.actors.append((a.class_name, _plain(a.required_resources)))

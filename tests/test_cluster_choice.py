@@ -438,6 +438,11 @@ def test_describe_names_the_pending_actor_and_the_resources():
     assert starting.startswith(
         "1 actor (TrainController) pending creation, needing no resources (its worker process"
     )
+    building = Pending(building=[("ShardScorer", 11), ("ShardScorer", 12)], total={"CPU": 2.0})
+    assert not building.waiting  # placed, running __init__: not a wait for resources
+    assert describe(building).startswith(
+        "2 actors (ShardScorer) still in their constructor (pid 11, 12; loading a large model"
+    )
     idle = describe(Pending(total={"CPU": 2.0}, available={"CPU": 0.5}))
     assert idle.startswith("nothing in this job waits for resources; the cluster has {CPU: 0.5}")
 
@@ -559,10 +564,24 @@ WATCHDOG_SCRIPT = textwrap.dedent(
     class Missing:
         pass
 
+    @ray.remote(num_cpus=0)
+    class Building:  # placed, but its constructor takes long (a large model loading)
+        def __init__(self):
+            time.sleep(600)
+
     hog = Hog.remote()
     ray.get(hog.ping.remote())
-    actors = [Waiter.remote(), Missing.remote()]
+    actors = [Waiter.remote(), Missing.remote(), Building.remote()]
     pg = ray.util.placement_group([{"CPU": 4}])
+    if sys.argv[1] == "dashboard":  # wait until Building's process runs its constructor
+        from ray.util import state
+
+        gcs = ray.get_runtime_context().gcs_address
+        deadline = time.time() + 90
+        while time.time() < deadline and not any(
+            a.pid for a in state.list_actors(address=gcs, filters=[("class_name", "=", "Building")])
+        ):
+            time.sleep(0.5)
     with Watchdog("probe", stall_seconds=3, ticks=sys.argv[1] == "dashboard") as dog:
         deadline = time.time() + 90
         while not dog.lines and time.time() < deadline:
@@ -582,6 +601,8 @@ def test_watchdog_names_what_a_real_ray_waits_for(ray_tmp):
     assert "1 actor (Waiter) pending creation, needing {CPU: 1}" in line
     assert "1 actor (Missing) pending creation, needing {CPU: 1, qgate_missing: 1}" in line
     assert "1 placement group pending, needing 1 x {CPU: 4}" in line
+    assert "1 actor (Building) still in its constructor (pid " in line
+    assert "Building) pending creation" not in line  # placed: not waiting for resources
     assert (
         "the cluster has {CPU: 0, qgate_missing: 0} available of {CPU: 2, qgate_missing: 0}" in line
     )
