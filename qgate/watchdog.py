@@ -73,10 +73,13 @@ def shard_summaries(ds, stage: str, progress=None):
 
 def beat(directory: str, shard: str, done: int, total: int) -> None:
     """Record, from the worker scoring ``shard``, that ``done`` of its ``total`` rows are
-    done: what keeps the driver's watchdog quiet while a long shard is being worked on."""
+    done: what keeps the driver's watchdog quiet while a long shard is being worked on.
+    Best effort: a heartbeat that cannot be written (its directory gone, a full disk) is
+    skipped, never the shard's failure."""
     from qgate.atomic import write_json
 
-    write_json(os.path.join(directory, f"{shard}.json"), [done, total], indent=None)
+    with contextlib.suppress(OSError):
+        write_json(os.path.join(directory, f"{shard}.json"), [done, total], indent=None)
 
 
 def end_beat(directory: str, shard: str) -> None:
