@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 STALL_ENV = "QGATE_STALL_S"
 DEFAULT_STALL_S = 120.0
-PROGRESS_EVERY_S = 60.0  # a progress line from heartbeats, at most this often
+HEARTBEAT_LINE_S = 60.0  # a progress line from heartbeats at most this often
 _PG_RESOURCE = re.compile(r"^(.+?)_group_(?:\d+_)?[0-9a-f]{16,}$")  # CPU_group_0_<pg id>
 
 
@@ -62,7 +62,7 @@ def shard_summaries(ds, stage: str, progress=None):
     goes on scoring and writing in the background (measured on Ray 2.60). ``progress``
     (e.g. ``Heartbeats``) is passed to the watchdog, with a progress line a minute."""
     seen: set[tuple] = set()
-    dog = Watchdog(stage, progress=progress, progress_every=PROGRESS_EVERY_S if progress else None)
+    dog = Watchdog(stage, progress=progress, progress_every=HEARTBEAT_LINE_S if progress else None)
     for row in dog.watch(arrivals(ds)):
         info = json.loads(row["info"])
         key = (info.get("output"), info["shard"])
