@@ -104,13 +104,17 @@ def _scores(d: str) -> dict | None:
         }
     plan = _json(os.path.join(d, "_plan.json"))
     if plan:
+        from qgate.scores import PROGRESS_DIR
+        from qgate.watchdog import Heartbeats
+
         done = len(glob.glob(os.path.join(d, "_shards", "*.json")))
         rows = sum(s["stop"] - s["start"] for s in plan["shards"])
-        return {
-            "state": PARTIAL,
-            "rows": rows,
-            "figures": f"{done}/{len(plan['shards'])} shards scored (re-launch resumes)",
-        }
+        figures = f"{done}/{len(plan['shards'])} shards scored (re-launch resumes)"
+        beat = Heartbeats([os.path.join(d, PROGRESS_DIR)])()
+        if beat:  # a running job's newest heartbeat (or a killed one's last)
+            age = max(0.0, time.time() - beat[0][0] / 1e9)
+            figures += f"; last heartbeat {age:.0f} s ago: {beat[1]}"
+        return {"state": PARTIAL, "rows": rows, "figures": figures}
     return None
 
 

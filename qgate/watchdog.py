@@ -90,8 +90,8 @@ def end_beat(directory: str, shard: str) -> None:
 
 class Heartbeats:
     """The driver's view of the workers' heartbeats in some directories: called, it returns
-    ``(key, text)`` for the newest beat (``key`` changes with every beat; ``text`` says what
-    it reported), or None when there is none."""
+    ``(key, text)`` for the newest beat, or None when there is none. ``key`` changes with
+    every beat and starts with the beat's mtime (ns); ``text`` says what it reported."""
 
     def __init__(self, directories: list[str]) -> None:
         self.directories = list(directories)
@@ -115,7 +115,7 @@ class Heartbeats:
         except (OSError, ValueError, TypeError):  # removed or replaced meanwhile
             return None
         shard = os.path.basename(newest[1])[: -len(".json")]
-        return (newest, done), f"shard {shard}, {done} of {total} rows done"
+        return (*newest, done), f"shard {shard}, {done} of {total} rows done"
 
 
 def stall_seconds_from_env() -> float:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
 from jobs import status as status_job
 from qgate.status import run_status, track
+from qgate.watchdog import beat
 
 
 def _write(path, obj) -> None:
@@ -30,6 +32,8 @@ def test_states_from_artifacts_and_ledger(tmp_path, capsys):
     ]
     _write(f"{run}/scores/_plan.json", {"shards": shards})
     _write(f"{run}/scores/_shards/00000-000000.json", {})
+    os.makedirs(f"{run}/scores/_progress")
+    beat(f"{run}/scores/_progress", "00000-000001", 4, 10)  # a shard being scored
     ref = {
         "counts": {"selected": 30, "scored": 100},
         "method": "worst_rank",
@@ -49,6 +53,10 @@ def test_states_from_artifacts_and_ledger(tmp_path, capsys):
     assert by["warmup"]["state"] == "done" and "step 60" in by["warmup"]["figures"]
     assert by["score"]["state"] == "partial" and by["score"]["rows"] == 30
     assert "1/3 shards" in by["score"]["figures"]
+    assert re.search(
+        r"; last heartbeat \d+ s ago: shard 00000-000001, 4 of 10 rows done$",
+        by["score"]["figures"],
+    )
     assert by["select"]["state"] == "done" and "selected 30/100" in by["select"]["figures"]
     assert "log 2 samples" in by["select"]["figures"]
     assert by["select_random"]["state"] == "done"
