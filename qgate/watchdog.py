@@ -340,9 +340,10 @@ class Watchdog:
             self._thread.join(timeout=1.0)  # a probe in flight is not waited for; it stays quiet
 
     def tick(self) -> None:
-        """The stage made progress (and said so: progress lines count from here)."""
+        """The stage made progress (and said so: progress lines count from here). The last
+        heartbeat is forgotten: it may be of the shard that just finished."""
         self._last = self._shown = time.monotonic()
-        self._reported = False
+        self._reported, self._mark = False, None
 
     def watch(self, items):
         """Yield from ``items`` with the watchdog running; each item is a tick."""

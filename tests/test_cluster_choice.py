@@ -494,6 +494,15 @@ def test_heartbeats_are_progress_and_the_stall_line_names_the_last(tmp_path):
     )
     assert os.listdir(beats) == []
     beat(os.path.join(beats, "gone"), "00000-000001", 1, 40)  # best effort: never raises
+    with Watchdog(
+        "t", stall_seconds=0.3, probe=probe, progress=Heartbeats([beats]), out=out, poll_s=0.02
+    ) as dog:
+        beat(beats, "00000-000002", 5, 40)
+        time.sleep(0.1)
+        os.unlink(os.path.join(beats, "00000-000002.json"))
+        dog.tick()  # its summary: that shard is done, its heartbeat no longer the last word
+        time.sleep(0.6)
+    assert len(dog.lines) == 1 and "heartbeat" not in dog.lines[0], dog.lines
 
 
 def test_a_long_shard_gets_progress_lines_from_its_heartbeats(tmp_path):
