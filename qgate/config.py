@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Literal
 
+from qgate.corruption import CORRUPTIONS, DEFAULT_CORRUPTIONS
+
 
 class ConfigError(ValueError):
     """A config value is unknown, of the wrong type, or out of range."""
@@ -162,10 +164,8 @@ class WarmupConfig(TrainConfig):
     quality_weight: float = 1.0
     balance: float = 0.2
     """target_balanced: pool rows weigh balance*g, target rows (2-balance)*(1-g)."""
-    corruptions: list[str] = field(
-        default_factory=lambda: ["swap", "truncate", "repeat", "shuffle", "char_noise"]
-    )
-    """contrast: the corruption kinds that make negatives."""
+    corruptions: list[str] = field(default_factory=lambda: list(DEFAULT_CORRUPTIONS))
+    """contrast: the corruption kinds that make negatives (qgate/corruption.py)."""
     alpha: float = 1.0
     """contrast: token-weight exponent; use the score stage's alpha."""
     gate_bias: bool = True
@@ -185,8 +185,6 @@ class WarmupConfig(TrainConfig):
         _check(self.head_negatives >= 0, "head_negatives", "must be >= 0")
         if self.loss == "target_balanced":
             _check(bool(self.target), "target", "is required when loss=target_balanced")
-        from qgate.corruption import CORRUPTIONS
-
         bad = [c for c in self.corruptions if c not in CORRUPTIONS]
         _check(not bad, "corruptions", f"unknown {bad}; choose from {list(CORRUPTIONS)}")
         if self.loss == "contrast" or self.head_negatives:

@@ -7,7 +7,13 @@ the one they came from. Each corruption breaks one property that every good answ
 - ``truncate``: the answer cut at 20-70% of its words (incomplete);
 - ``repeat``: the first few words of the answer repeated to its length (degenerate);
 - ``shuffle``: the answer's words in random order (incoherent);
-- ``char_noise``: a third of the answer's letters replaced by random ones (not language).
+- ``char_noise``: a third of the answer's letters replaced by random ones (not language);
+- ``extend``: the answer followed by another row's answer (it runs on past its end, off topic).
+
+``shuffle`` and ``char_noise`` make text that is not language; a gate trained on them learns
+in part "fluent is real", which ranks fluent noise (a boilerplate refusal, an answer to
+another question) above real rows. ``extend`` is made of real text, and it teaches what a
+good answer does that such noise does not: it ends where its prompt is answered.
 
 The gate is trained to open on real rows and close on their corrupted copies. What it learns
 is measured on noise kinds that no corruption constructs (bench/quality.py reports them
@@ -19,7 +25,15 @@ from __future__ import annotations
 import random
 import string
 
-CORRUPTIONS = ("swap", "truncate", "repeat", "shuffle", "char_noise")
+CORRUPTIONS = ("swap", "truncate", "repeat", "shuffle", "char_noise", "extend")
+DEFAULT_CORRUPTIONS = ("swap", "truncate", "repeat", "extend")
+"""The contrast warmup's default negatives: each is made of real answer text, shortened
+(truncate), lengthened (extend, repeat) or moved to another prompt (swap), so what a gate
+learns is whether an answer fits and completes its prompt rather than whether it is fluent.
+On SmolLM2 they generalise best to the noise kinds none of them builds (BENCHMARKS.md,
+"Negatives made of real text"); shuffle and char_noise remain options."""
+DONOR_KINDS = ("swap", "extend")
+"""The corruptions that take text from another row (the donor)."""
 
 
 def _answer_indices(messages: list[dict]) -> list[int]:
@@ -67,18 +81,19 @@ def _char_noise(text: str, rng: random.Random) -> str:
 def corrupt(row: dict, kind: str, rng: random.Random, donor: dict | None = None) -> dict:
     """A corrupted copy of a canonical row (only its last assistant turn changes).
 
-    ``donor`` is the row whose answer ``swap`` takes. The copy's sample_id records where it
-    came from (``<id>~<kind>``), so negatives never collide with real rows.
+    ``donor`` is the row whose answer ``swap`` and ``extend`` take. The copy's sample_id
+    records where it came from (``<id>~<kind>``), so negatives never collide with real rows.
     """
     if kind not in CORRUPTIONS:
         raise ValueError(f"corruption must be one of {CORRUPTIONS}, got {kind!r}")
     messages = [dict(m) for m in row["messages"]]
     i = _answer_indices(messages)[-1]
     text = messages[i]["content"]
-    if kind == "swap":
+    if kind in DONOR_KINDS:
         if donor is None:
-            raise ValueError("swap needs a donor row")
-        new = donor["messages"][_answer_indices(donor["messages"])[-1]]["content"]
+            raise ValueError(f"{kind} needs a donor row")
+        other = donor["messages"][_answer_indices(donor["messages"])[-1]]["content"]
+        new = other if kind == "swap" else f"{text.rstrip()} {other.strip()}"
     else:
         new = {"truncate": _truncate, "repeat": _repeat, "shuffle": _shuffle}.get(
             kind, _char_noise
@@ -97,7 +112,7 @@ def make_negatives(rows: list[dict], kinds: list[str], seed: int) -> list[dict]:
     """One corrupted copy of every row, kinds assigned round-robin after a seeded shuffle.
 
     Deterministic in (rows by sample_id, kinds, seed), so a resumed warmup sees the same data.
-    ``swap`` donors are other rows of the pool, drawn with the same seed.
+    Donors (``swap``, ``extend``) are other rows of the pool, drawn with the same seed.
     """
     if not kinds:
         raise ValueError("contrast needs at least one corruption kind")
@@ -109,7 +124,7 @@ def make_negatives(rows: list[dict], kinds: list[str], seed: int) -> list[dict]:
     for j, i in enumerate(order):
         kind = kinds[j % len(kinds)]
         donor = None
-        if kind == "swap":
+        if kind in DONOR_KINDS:
             if len(rows) < 2:
                 kind = "char_noise"
             else:

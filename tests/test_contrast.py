@@ -4,6 +4,7 @@ the seed-parity gate without a bias."""
 from __future__ import annotations
 
 import os
+import random
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from qgate import model as M
 from qgate import warmup as stage
 from qgate.config import ConfigError, WarmupConfig
 from qgate.config_io import load_config
-from qgate.corruption import CORRUPTIONS, make_negatives
+from qgate.corruption import CORRUPTIONS, DEFAULT_CORRUPTIONS, corrupt, make_negatives
 from qgate.data import read_corpus
 from qgate.scorer import Scorer, ScoringSettings
 
@@ -39,12 +40,13 @@ def _answer(row) -> str:
 def test_negatives_are_deterministic_and_only_change_the_answer(corpus):
     """Guards against negatives that differ between a run and its resume, that leave the
     answer unchanged (a 'negative' equal to a real row), or that touch the prompt."""
-    rows = read_corpus(corpus["pool"])[0][:40]
+    n = 8 * len(CORRUPTIONS)
+    rows = read_corpus(corpus["pool"])[0][:n]
     a, b = (
         make_negatives(rows, list(CORRUPTIONS), seed=1),
         make_negatives(rows, list(CORRUPTIONS), 1),
     )
-    assert a == b and len(a) == 40
+    assert a == b and len(a) == n
     assert make_negatives(rows, list(CORRUPTIONS), seed=2) != a
     by_id = {r["sample_id"]: r for r in rows}
     kinds = {}
@@ -55,6 +57,37 @@ def test_negatives_are_deterministic_and_only_change_the_answer(corpus):
         assert _answer(neg) != _answer(src) and _answer(neg).strip()
         assert neg["messages"][:-1] == src["messages"][:-1]  # the prompt is untouched
     assert kinds == {k: 8 for k in CORRUPTIONS}  # round-robin over the kinds
+
+
+def test_extend_runs_the_answer_on_with_another_rows_answer():
+    """Guards against an `extend` copy that does not run on past its source's answer: it
+    teaches the gate that a good answer ends where its prompt is answered (what tells a
+    boilerplate refusal or an answer to another question from a real one)."""
+    row = {
+        "sample_id": "r1",
+        "source": "s",
+        "messages": [
+            {"role": "user", "content": "Capital of Peru?"},
+            {"role": "assistant", "content": "Lima. "},
+        ],
+    }
+    donor = {
+        "sample_id": "r2",
+        "source": "s",
+        "messages": [
+            {"role": "user", "content": "2 + 2?"},
+            {"role": "assistant", "content": " It is 4."},
+        ],
+    }
+    got = corrupt(row, "extend", random.Random(0), donor)
+    assert got["sample_id"] == "r1~extend" and got["messages"][0] == row["messages"][0]
+    assert got["messages"][1] == {"role": "assistant", "content": "Lima. It is 4."}
+    with pytest.raises(ValueError, match="extend needs a donor"):
+        corrupt(row, "extend", random.Random(0))
+    rows = [row, donor, dict(row, sample_id="r3")]
+    for neg in make_negatives(rows, ["extend"], seed=0):
+        src = next(r for r in rows if r["sample_id"] == neg["sample_id"].rsplit("~", 1)[0])
+        assert len(_answer(neg)) > len(_answer(src).rstrip())
 
 
 def test_contrast_loss_is_bce_of_the_scored_gate():
@@ -89,7 +122,9 @@ def test_contrast_warmup_trains_and_scores_like_the_score_stage(contrast_run, ti
     assert all(0 < h["quality_loss"] < 2 for h in hist)
     gates = os.path.join(cfg.run_dir, "warmup")
     meta = M.read_meta(gates)
-    assert meta.extra["loss"] == "contrast" and meta.extra["corruptions"] == list(CORRUPTIONS)
+    assert meta.extra["loss"] == "contrast" and meta.extra["corruptions"] == list(
+        DEFAULT_CORRUPTIONS
+    )
     fresh, _, _ = M.load_gated_model(tiny_model, mode="probe", seed=cfg.seed, bias=False)
     trained, _, _ = M.load_gated_model(tiny_model, gates=gates)
     a, b = M.gate_parameters(fresh), M.gate_parameters(trained)
