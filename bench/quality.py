@@ -73,12 +73,14 @@ NOISE_SHORT = ("gib", "wrong", "trunc", "copied", "rep", "dup", "refus")
 
 @dataclass(frozen=True)
 class GateVariant:
-    """One warmup recipe: gate mode, quality loss and learning rate."""
+    """One warmup recipe: gate mode, quality loss, learning rate and (contrast) the
+    corruption kinds of its negatives (None: WarmupConfig's default)."""
 
     name: str
     mode: str
     loss: str
     lr: float = 3e-3
+    corruptions: tuple[str, ...] | None = None
 
 
 GATES = {
@@ -87,8 +89,18 @@ GATES = {
     "probe_target": GateVariant("probe_target", "probe", "target_balanced"),
     "probe_contrast": GateVariant("probe_contrast", "probe", "contrast", lr=1e-2),
 }
+# contrast gates on other sets of negatives, side by side with the shipped one (opt-in):
+# the five kinds shipped before `extend` existed, and all six
+NEGATIVE_SETS = {
+    "probe_contrast5": ("swap", "truncate", "repeat", "shuffle", "char_noise"),
+    "probe_contrast6": ("swap", "truncate", "repeat", "shuffle", "char_noise", "extend"),
+}
+for _name, _kinds in NEGATIVE_SETS.items():
+    GATES[_name] = GateVariant(_name, "probe", "contrast", lr=1e-2, corruptions=_kinds)
 REAL_GATES = ("probe_linear", "probe_contrast")
 """On a real base (--base-model) the original recipe and the contrast gate are trained."""
+OPT_IN_GATES = tuple(NEGATIVE_SETS)
+"""Trained only when --gates names them (comparisons for one question, not every run)."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +132,27 @@ METHODS = (
     Method("gate probe+target", "probe_target", {"method": "quality_gate", "diversity": False}),
     Method("gate probe+target +div", "probe_target", {"method": "quality_gate", "diversity": True}),
     Method("gate probe+contrast", "probe_contrast", {"method": "quality_gate", "diversity": False}),
+    *(
+        m
+        for g, kinds in NEGATIVE_SETS.items()
+        for m in (
+            Method(
+                f"gate probe+contrast [{'+'.join(kinds)}]",
+                g,
+                {"method": "quality_gate", "diversity": False},
+            ),
+            Method(
+                f"worst_rank(contrast gate [{'+'.join(kinds)}],ppl,ifd) src",
+                g,
+                {
+                    "method": "worst_rank",
+                    "signals": GATE_PPL_IFD,
+                    "calibration": "source",
+                    "diversity": False,
+                },
+            ),
+        )
+    ),
     Method(
         "worst_rank(contrast gate,ppl,ifd)",
         "probe_contrast",
@@ -387,6 +420,7 @@ def warmup_and_score(
         loss=variant.loss,
         target=[corpus["target"]] if variant.loss == "target_balanced" else [],
         target_fraction=0.5 if variant.loss == "contrast" else 0.25,
+        **({"corruptions": list(variant.corruptions)} if variant.corruptions else {}),
         balance=0.2,
         quality_weight=1.0,
         lr=variant.lr,
@@ -1024,7 +1058,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="+",
         choices=list(GATES),
         help="train only these gate variants (methods that use no gate read any probe"
-        " variant's scores)",
+        f" variant's scores); {', '.join(OPT_IN_GATES)} only when named here",
     )
     ap.add_argument(
         "--base-model",
@@ -1147,9 +1181,11 @@ def run(args, argv, st: Settings, downstream: bool, budgets: list[float]) -> int
         else:
             bases = build_bases(corpus, cdir, st, clock, seed)
         for cname, base in bases.items():
-            gates = {"realistic": tuple(GATES), "real": REAL_GATES}.get(cname, CLEAN_ONLY_GATES)
+            gates = {"realistic": tuple(g for g in GATES if g not in OPT_IN_GATES)}.get(
+                cname, REAL_GATES if cname == "real" else CLEAN_ONLY_GATES
+            )
             if args.gates:
-                gates = tuple(g for g in gates if g in args.gates)
+                gates = tuple(g for g in gates + OPT_IN_GATES if g in args.gates)
             name = f"{tag} {cname}"
             cond = clock.run(
                 f"selection {name}",
