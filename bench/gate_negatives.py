@@ -40,17 +40,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from qgate.corruption import CORRUPTIONS, DONOR_KINDS, corrupt  # noqa: E402
+from qgate.synthetic import NOISE_TYPES as NOISE  # noqa: E402
 
-NOISE = (
-    "gibberish",
-    "wrong_answer",
-    "truncated",
-    "copied",
-    "repetition",
-    "near_duplicate",
-    "refusal",
-)
-SHORT = ("gib", "wrong", "trunc", "copied", "rep", "dup", "refus")
 RESEMBLES = {  # the noise kinds a corruption builds (or nearly builds)
     "swap": {"copied"},
     "truncate": {"truncated"},
@@ -225,8 +216,7 @@ def main(argv=None) -> int:
         flush=True,
     )
     results = []
-    header = "| corruptions | AUROC | " + " | ".join(s + "*" for s in SHORT) + " |"
-    print(header.replace("*", ""))
+    print("| corruptions | AUROC | " + " | ".join(NOISE) + " |")
     for s in sets:
         take = np.isin(neg_kind, s)
         sc = probe_scores(Xp, Xn[take], len(rows), neg_src[take])

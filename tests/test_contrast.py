@@ -63,22 +63,12 @@ def test_extend_runs_the_answer_on_with_another_rows_answer():
     """Guards against an `extend` copy that does not run on past its source's answer: it
     teaches the gate that a good answer ends where its prompt is answered (what tells a
     boilerplate refusal or an answer to another question from a real one)."""
-    row = {
-        "sample_id": "r1",
-        "source": "s",
-        "messages": [
-            {"role": "user", "content": "Capital of Peru?"},
-            {"role": "assistant", "content": "Lima. "},
-        ],
-    }
-    donor = {
-        "sample_id": "r2",
-        "source": "s",
-        "messages": [
-            {"role": "user", "content": "2 + 2?"},
-            {"role": "assistant", "content": " It is 4."},
-        ],
-    }
+
+    def make(sample_id: str, prompt: str, answer: str) -> dict:
+        turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        return {"sample_id": sample_id, "source": "s", "messages": turns}
+
+    row, donor = make("r1", "Capital of Peru?", "Lima. "), make("r2", "2 + 2?", " It is 4.")
     got = corrupt(row, "extend", random.Random(0), donor)
     assert got["sample_id"] == "r1~extend" and got["messages"][0] == row["messages"][0]
     assert got["messages"][1] == {"role": "assistant", "content": "Lima. It is 4."}
