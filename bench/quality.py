@@ -536,13 +536,19 @@ def run_condition(
     budgets: list[float],
     seed: int,
     targets: set[str],
+    measure_only: bool = False,
 ) -> dict:
-    """All gate variants and methods on one (corpus, base) pair."""
+    """All gate variants and methods on one (corpus, base) pair (``measure_only``: on the
+    scores an earlier run left in ``out``, nothing trained or scored)."""
     from qgate.report import read_labels
 
     print(f"\n=== {name}: warmup + scoring for {', '.join(gates)}", flush=True)
     args = {g: (GATES[g], base, corpus, os.path.join(out, g), st, seed) for g in gates}
-    if st.parallel_gates:  # side by side: hides Ray start-up latency on tiny runs
+    if measure_only:
+        runs = {g: {"scores": os.path.join(out, g, "scores"), "warmup_s": None} for g in gates}
+        for r in runs.values():
+            r["score_s"] = None
+    elif st.parallel_gates:  # side by side: hides Ray start-up latency on tiny runs
         # transformers resolves its lazy attributes on first use, which is not thread-safe
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
@@ -556,7 +562,8 @@ def run_condition(
     else:
         runs = {g: warmup_and_score(*a) for g, a in args.items()}
     for g, r in runs.items():
-        print(f"[{name}] {g}: warmup {r['warmup_s']:.1f}s score {r['score_s']:.1f}s", flush=True)
+        if not measure_only:
+            print(f"[{name}] {g}: warmup {r['warmup_s']:.1f}s score {r['score_s']:.1f}s")
     labels = read_labels([corpus["pool"]], "noise")
     family = read_labels([corpus["pool"]], "family")
     pool_share = {t: 0.0 for t in NOISE_ORDER}
@@ -1026,6 +1033,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="finetune seeds")
     ap.add_argument("--no-clean-only", action="store_true", help="skip the clean-only base")
     ap.add_argument("--no-generalisation", action="store_true", help="skip the second corpus")
+    ap.add_argument(
+        "--corpora",
+        nargs="+",
+        choices=["A", "B"],
+        default=["A", "B"],
+        help="which corpora to run (A: --seed/--families, B: --gen-seed/--gen-families)",
+    )
+    ap.add_argument(
+        "--measure-only",
+        action="store_true",
+        help="train and score nothing: measure every method again on the corpora and scores an"
+        " earlier run left in --out (the --gates it trained)",
+    )
     ap.add_argument("--out", default=os.path.join(REPO, "runs", "bench_quality"))
     ap.add_argument("--tiny", action="store_true", help="CI size: tiny, no downstream")
     ap.add_argument(
@@ -1148,7 +1168,7 @@ def run_downstream_only(args, argv, st: Settings, budget: float) -> int:
 
 def run(args, argv, st: Settings, downstream: bool, budgets: list[float]) -> int:
     """The bench proper (main sets up Ray and threads)."""
-    from qgate.synthetic import generate_corpus
+    from qgate.synthetic import SPLITS, generate_corpus
 
     command = "python bench/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     header = [f"$ {command.strip()}", f"machine: {machine()}"]
@@ -1159,21 +1179,25 @@ def run(args, argv, st: Settings, downstream: bool, budgets: list[float]) -> int
     corpora = [("A", args.seed, args.families)]
     if st.generalisation:
         corpora.append(("B", args.gen_seed, args.gen_families))
+    corpora = [c for c in corpora if c[0] in args.corpora]
     conditions, downstream_result, corpus_info, dedups = [], None, {}, []
     for tag, seed, families in corpora:
         cdir = os.path.join(args.out, f"corpus_{tag}")
-        shutil.rmtree(cdir, ignore_errors=True)
-        corpus = clock.run(
-            f"corpus {tag}",
-            generate_corpus,
-            os.path.join(cdir, "data"),
-            seed=seed,
-            n_pool=st.n_pool,
-            n_target=st.n_target,
-            n_test=st.n_test,
-            n_pretrain=st.n_pretrain,
-            families=families,
-        )
+        if args.measure_only:  # the earlier run's corpus, as it wrote it
+            corpus = {s: os.path.join(cdir, "data", f"{s}.jsonl") for s in SPLITS}
+        else:
+            shutil.rmtree(cdir, ignore_errors=True)
+            corpus = clock.run(
+                f"corpus {tag}",
+                generate_corpus,
+                os.path.join(cdir, "data"),
+                seed=seed,
+                n_pool=st.n_pool,
+                n_target=st.n_target,
+                n_test=st.n_test,
+                n_pretrain=st.n_pretrain,
+                families=families,
+            )
         targets = set(families[:3])
         corpus_info[tag] = {"seed": seed, "families": list(families), "targets": sorted(targets)}
         if args.base_model:
@@ -1199,6 +1223,7 @@ def run(args, argv, st: Settings, downstream: bool, budgets: list[float]) -> int
                 budgets,
                 seed,
                 targets,
+                measure_only=args.measure_only,
             )
             conditions.append(cond)
             if cname in ("realistic", "real"):
