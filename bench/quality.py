@@ -1202,6 +1202,10 @@ def run(args, argv, st: Settings, downstream: bool, budgets: list[float]) -> int
         corpus_info[tag] = {"seed": seed, "families": list(families), "targets": sorted(targets)}
         if args.base_model:
             bases = {"real": os.path.abspath(args.base_model)}
+        elif args.measure_only:  # the stand-ins the earlier run built
+            built = {"realistic": "base_realistic", "clean-only": "base_clean"}
+            bases = {c: os.path.join(cdir, d) for c, d in built.items()}
+            bases = {c: d for c, d in bases.items() if os.path.isdir(d)}
         else:
             bases = build_bases(corpus, cdir, st, clock, seed)
         for cname, base in bases.items():

@@ -25,13 +25,14 @@ def _bench():
 
 def test_tiny_bench_writes_one_row_per_method(ray_session, tmp_path):
     """Guards against the bench breaking as the stages change (a config key renamed, a stage
-    output moved), a method silently missing from the table, or AUROC/shares out of range."""
+    output moved), a method silently missing from the table, AUROC/shares out of range, or
+    --measure-only measuring something else than the run whose scores it reads."""
     bench = _bench()
     out = tmp_path / "quality"
     assert bench.main(["--tiny", "--out", str(out), "--budgets", "0.1", "0.3"]) == 0
 
     table = (out / "quality.md").read_text()
-    names = [m.name for m in bench.METHODS]
+    names = [m.name for m in bench.METHODS if m.gate not in bench.OPT_IN_GATES]  # not asked for
     selection = table.split("| noise without dedup |")[0].rsplit("\n", 1)[0]  # not the dedup table
     rows = [line for line in selection.splitlines() if line.startswith("| A realistic |")]
     assert "| noise without dedup |" in table  # the dedup table follows
@@ -59,6 +60,15 @@ def test_tiny_bench_writes_one_row_per_method(ray_session, tmp_path):
     # a random selection at 30% is close to the pool's noise share (the table's sanity line)
     random_row = next(r for r in cond["rows"] if r["method"] == "random")
     assert abs(random_row["budgets"]["0.3"]["noise_share"] - cond["pool_noise_share"]) < 0.12
+
+    # the same scores measured again, nothing trained or scored: the same figures
+    assert (
+        bench.main(["--tiny", "--out", str(out), "--budgets", "0.1", "0.3", "--measure-only"]) == 0
+    )
+    (again,) = json.loads((out / "quality.json").read_text())["conditions"]
+    assert [r["method"] for r in again["rows"]] == names
+    for r, s in zip(cond["rows"], again["rows"], strict=True):
+        assert s["auroc"] == r["auroc"] and s["warmup_s"] is None
 
 
 # ----------------------------------------------------------------------------- calibration
