@@ -116,7 +116,7 @@ def make_copies(rows: list[dict], kinds: list[str], per_kind: int, seed: int):
     return copies, np.array(src), np.array(kind)
 
 
-def probe_scores(Xp, Xn, n_src, neg_src, folds: int = 2, c: float = 0.05, seed: int = 0):
+def probe_scores(Xp, Xn, neg_src, folds: int = 2, c: float = 0.05, seed: int = 0):
     """Cross-fitted layer-mean probe decision for every pool row (higher = more real)."""
     from sklearn.linear_model import LogisticRegression
 
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     print("| corruptions | AUROC | " + " | ".join(NOISE) + " |")
     for s in sets:
         take = np.isin(neg_kind, s)
-        sc = probe_scores(Xp, Xn[take], len(rows), neg_src[take])
+        sc = probe_scores(Xp, Xn[take], neg_src[take])
         r = aurocs(sc, labels)
         built = set().union(*(RESEMBLES.get(k, set()) for k in s))
         cells = [f"{r[k]:.3f}{'' if k in built else '*'}" for k in NOISE]
