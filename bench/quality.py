@@ -545,9 +545,8 @@ def run_condition(
     print(f"\n=== {name}: warmup + scoring for {', '.join(gates)}", flush=True)
     args = {g: (GATES[g], base, corpus, os.path.join(out, g), st, seed) for g in gates}
     if measure_only:
-        runs = {g: {"scores": os.path.join(out, g, "scores"), "warmup_s": None} for g in gates}
-        for r in runs.values():
-            r["score_s"] = None
+        none = {"warmup_s": None, "score_s": None}
+        runs = {g: {"scores": os.path.join(out, g, "scores"), **none} for g in gates}
     elif st.parallel_gates:  # side by side: hides Ray start-up latency on tiny runs
         # transformers resolves its lazy attributes on first use, which is not thread-safe
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
