@@ -337,8 +337,11 @@ def test_sigterm_stops_serve_and_its_session(stale_run, ray_tmp, tmp_path):
 
 ENDINGS_SCRIPT = textwrap.dedent(
     """
-    import sys, time, ray
+    import signal, sys, time, ray
     from jobs.common import init_ray
+    # Ctrl-C as in a terminal, even when the suite runs where SIGINT is ignored (a shell's
+    # background job): Python keeps an inherited SIG_IGN instead of raising KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     init_ray()
     @ray.remote
     def f():
