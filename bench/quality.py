@@ -374,6 +374,10 @@ class Clock:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
+STAND_IN_DIRS = {"realistic": "base_realistic", "clean-only": "base_clean"}
+"""Each stand-in condition's base model directory, under the corpus's output dir."""
+
+
 def build_bases(corpus: dict, out: str, st: Settings, clock: Clock, seed: int) -> dict[str, str]:
     """The stand-in pretrained on the realistic pretrain split, and on its clean rows only."""
     import ray
@@ -389,10 +393,10 @@ def build_bases(corpus: dict, out: str, st: Settings, clock: Clock, seed: int) -
         seed=seed,
         log_every=0,
     )
-    jobs = {"realistic": (os.path.join(out, "base_realistic"), rows)}
+    jobs = {"realistic": (os.path.join(out, STAND_IN_DIRS["realistic"]), rows)}
     if st.clean_only:
         clean = [r for r in rows if r["noise"] == "clean"]
-        jobs["clean-only"] = (os.path.join(out, "base_clean"), clean)
+        jobs["clean-only"] = (os.path.join(out, STAND_IN_DIRS["clean-only"]), clean)
     # One single-threaded Ray task per base, side by side: on 2 shared cores one torch
     # process with 2 threads is many times slower than two with 1 thread each.
     task = ray.remote(num_cpus=1)(build_stand_in)
@@ -1202,8 +1206,7 @@ def run(args, argv, st: Settings, downstream: bool, budgets: list[float]) -> int
         if args.base_model:
             bases = {"real": os.path.abspath(args.base_model)}
         elif args.measure_only:  # the stand-ins the earlier run built
-            built = {"realistic": "base_realistic", "clean-only": "base_clean"}
-            bases = {c: os.path.join(cdir, d) for c, d in built.items()}
+            bases = {c: os.path.join(cdir, d) for c, d in STAND_IN_DIRS.items()}
             bases = {c: d for c, d in bases.items() if os.path.isdir(d)}
         else:
             bases = build_bases(corpus, cdir, st, clock, seed)
