@@ -4,6 +4,8 @@
     python bench/train_throughput.py --model-dir models/smollm2-135m   # real weights
     python bench/train_throughput.py --lengths 64,256                  # longer rows
     python bench/train_throughput.py --quick --steps 3                 # smoke run, minutes
+    python bench/train_throughput.py --model-dir models/smollm2-135m --stages finetune \
+        --batch-size 16 --lora-targets all-linear     # the quality bench's LoRA shape
 
 Each stage runs the way its job does: ``qgate.warmup.run`` and ``qgate.finetune.run`` with a
 ``WarmupConfig`` / ``FinetuneConfig`` built by ``qgate.config_io.build``, on Ray Train with one
@@ -12,6 +14,9 @@ worker that gets every CPU (``--cpus``, torch threads to match), on an embedded 
 beside the worker). For each stage the dtypes of ``--dtypes`` run one after the other
 (``TrainConfig.dtype``: ``bfloat16`` is autocast with fp32 master weights, ``float32`` is
 plain fp32), ``--steps`` optimizer steps each, in a fresh run directory.
+
+The finetune runs once per ``--dropout-impls`` value (``lora.dropout_impl``: torch's
+``nn.Dropout`` against ``qgate.lora.IndexDropout``, the default on CPU), side by side.
 
 tokens/s is read back from the stage's own ``metrics.jsonl``: the loop reports every
 ``report_every`` steps (here ``max(1, steps // 4)``) the real (non-pad) tokens of that window
@@ -79,6 +84,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         "else float32)",
     )
     ap.add_argument("--stages", default=",".join(STAGES), help="subset of warmup,finetune")
+    ap.add_argument(
+        "--dropout-impls",
+        default="torch,indices",
+        help="finetune: lora.dropout_impl values run side by side (torch's nn.Dropout against "
+        "qgate.lora.IndexDropout)",
+    )
+    ap.add_argument(
+        "--lora-targets", default=None, help="finetune: lora.target_modules, e.g. all-linear"
+    )
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument(
         "--cpus", type=int, default=nproc, help="CPUs (and torch threads) of the worker"
@@ -100,6 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not a.dtypes or set(a.dtypes) - set(st.SHORT) or len(set(a.dtypes)) != len(a.dtypes):
         ap.error(f"--dtypes takes distinct values of float32,bfloat16; got {a.dtypes}")
     a.stages = [s.strip() for s in a.stages.split(",") if s.strip()]
+    a.dropout_impls = [s.strip() for s in a.dropout_impls.split(",") if s.strip()]
     if not a.stages or set(a.stages) - set(STAGES):
         ap.error(f"--stages takes a subset of {','.join(STAGES)}; got {a.stages}")
     if a.steps < 1:
@@ -145,7 +160,14 @@ def training_rows(a, work: str, pairs, tok) -> str:
     return path
 
 
-def stage_config(a, stage: str, dtype: str, model_dir: str, data: str, run_dir: str):
+def variant_label(stage: str, impl: str) -> str:
+    """A run's name in the tables: the stage, and for finetune its LoRA dropout impl."""
+    return f"finetune/{impl}" if stage == "finetune" else stage
+
+
+def stage_config(
+    a, stage: str, dtype: str, model_dir: str, data: str, run_dir: str, impl: str = "auto"
+):
     from qgate.config import FinetuneConfig, WarmupConfig
     from qgate.config_io import build
 
@@ -167,17 +189,25 @@ def stage_config(a, stage: str, dtype: str, model_dir: str, data: str, run_dir: 
     }
     if stage == "warmup":
         return build(WarmupConfig, {**common, "base_model": model_dir, "corpus": [data]})
-    return build(FinetuneConfig, {**common, "target_model": model_dir, "data": [data]})
+    lora = {"dropout_impl": impl}
+    if a.lora_targets:
+        lora["target_modules"] = a.lora_targets.split(",")
+    return build(
+        FinetuneConfig, {**common, "target_model": model_dir, "data": [data], "lora": lora}
+    )
 
 
-def run_stage(a, stage: str, dtype: str, model_dir: str, data: str, work: str) -> dict:
-    """One (stage, dtype) run through its job's runner; tokens/s from its metrics.jsonl."""
+def run_stage(
+    a, stage: str, dtype: str, model_dir: str, data: str, work: str, impl: str = "auto"
+) -> dict:
+    """One (stage, dtype[, dropout impl]) run through its job's runner; tokens/s from its
+    metrics.jsonl."""
     from qgate import finetune as finetune_job
     from qgate import warmup as warmup_job
     from qgate.training import METRICS_FILE
 
-    run_dir = os.path.join(work, f"run-{stage}-{dtype}")
-    cfg = stage_config(a, stage, dtype, model_dir, data, run_dir)
+    run_dir = os.path.join(work, f"run-{stage}-{dtype}-{impl}")
+    cfg = stage_config(a, stage, dtype, model_dir, data, run_dir, impl)
     job = warmup_job if stage == "warmup" else finetune_job
     log = io.StringIO()  # the stage's own output and its workers' (log_to_driver)
     t = time.perf_counter()
@@ -188,7 +218,7 @@ def run_stage(a, stage: str, dtype: str, model_dir: str, data: str, work: str) -
         sys.stderr.write(log.getvalue()[-6000:])
         raise
     finally:
-        with open(os.path.join(work, f"{stage}-{dtype}.log"), "w") as f:
+        with open(os.path.join(work, f"{stage}-{dtype}-{impl}.log"), "w") as f:
             f.write(log.getvalue())
     wall = time.perf_counter() - t
     out = summary.get("out_dir") or os.path.join(run_dir, stage)
@@ -265,13 +295,19 @@ def main(argv=None) -> int:
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
     results: dict = {"argv": sys.argv, "load_start": os.getloadavg(), "runs": {}}
+    variants = [
+        (stage, impl)
+        for stage in a.stages
+        for impl in (a.dropout_impls if stage == "finetune" else ["auto"])
+    ]
     try:
-        for stage in a.stages:
+        for stage, impl in variants:
+            label = variant_label(stage, impl)
             for dt in a.dtypes:
-                r = run_stage(a, stage, dt, model_dir, data, work)
-                results["runs"][f"{stage}/{dt}"] = r
+                r = run_stage(a, stage, dt, model_dir, data, work, impl)
+                results["runs"][f"{label}/{dt}"] = r
                 print(
-                    f"{stage:<9} [{st.SHORT[dt]}] {r['tokens_per_s']:9.0f} tok/s (mean of "
+                    f"{label:<18} [{st.SHORT[dt]}] {r['tokens_per_s']:9.0f} tok/s (mean of "
                     f"{max(r['windows'] - 1, 1)} windows of {r['report_every']} steps; first "
                     f"window {r['first_window_tokens_per_s']:.0f} tok/s); stage wall "
                     f"{r['wall_s']:.0f}s; last lm loss {r['lm_loss_last']:.3f}; "
@@ -280,17 +316,26 @@ def main(argv=None) -> int:
     finally:
         ray.shutdown()
     runs = results["runs"]
-    print(f"\n{'stage':<10}" + "".join(f"{st.SHORT[dt] + ' tok/s':>14}" for dt in a.dtypes))
-    for stage in a.stages:
-        cells = "".join(f"{runs[f'{stage}/{dt}']['tokens_per_s']:>14.0f}" for dt in a.dtypes)
-        print(f"{stage:<10}{cells}")
+    labels = [variant_label(stage, impl) for stage, impl in variants]
+    print(f"\n{'stage':<19}" + "".join(f"{st.SHORT[dt] + ' tok/s':>14}" for dt in a.dtypes))
+    for label in labels:
+        cells = "".join(f"{runs[f'{label}/{dt}']['tokens_per_s']:>14.0f}" for dt in a.dtypes)
+        print(f"{label:<19}{cells}")
     if set(a.dtypes) == {"float32", "bfloat16"}:
-        for stage in a.stages:
+        for label in labels:
             ratio = (
-                runs[f"{stage}/bfloat16"]["tokens_per_s"] / runs[f"{stage}/float32"]["tokens_per_s"]
+                runs[f"{label}/bfloat16"]["tokens_per_s"] / runs[f"{label}/float32"]["tokens_per_s"]
             )
-            results[f"{stage}_bf16_over_fp32"] = ratio
-            print(f"ratio bf16/fp32 {stage}: {ratio:.2f}")
+            results[f"{label}_bf16_over_fp32"] = ratio
+            print(f"ratio bf16/fp32 {label}: {ratio:.2f}")
+    if {"torch", "indices"} <= set(a.dropout_impls) and "finetune" in a.stages:
+        for dt in a.dtypes:
+            ratio = (
+                runs[f"finetune/indices/{dt}"]["tokens_per_s"]
+                / runs[f"finetune/torch/{dt}"]["tokens_per_s"]
+            )
+            results[f"finetune_indices_over_torch_{dt}"] = ratio
+            print(f"ratio finetune dropout indices/torch [{st.SHORT[dt]}]: {ratio:.2f}")
     print(f"end: {st.load()}")
     results["load_end"] = os.getloadavg()
     if a.json:

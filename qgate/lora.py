@@ -4,6 +4,7 @@ target (built, exported, reloaded and merged). The training loop itself is qgate
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import warnings
@@ -98,6 +99,49 @@ def lora_parameters(model) -> dict[str, torch.nn.Parameter]:
     return params
 
 
+class IndexDropout(torch.nn.Dropout):
+    """Dropout that draws indices to drop instead of one random number per element.
+
+    ``k = -n ln(1 - p)`` indices are drawn with replacement from the ``n`` elements and those
+    elements are zeroed, the rest scaled by ``1 / (1 - p)`` as in ``nn.Dropout``. An element
+    escapes all ``k`` draws with probability ``(1 - 1/n)^k = 1 - p + O(1/n)``: the keep rate
+    and the expectation are torch's, while the draws fall to about 5% for ``p = 0.05``. On CPU
+    torch's per-element RNG costs more than a LoRA step's matmuls (a quarter of a SmolLM2
+    LoRA step in a profile); this makes the step 1.3-1.5x faster. Draws come from torch's global
+    generator, so seeded runs (and resumes) repeat exactly. Small tensors (under
+    ``MIN_ELEMENTS``), where the O(1/n) term would show, use torch's dropout.
+    """
+
+    MIN_ELEMENTS = 4096
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero about a fraction ``p`` of ``x`` in training; the identity in eval."""
+        n = x.numel()
+        if not self.training or self.p == 0 or n < self.MIN_ELEMENTS:
+            return super().forward(x)
+        k = round(-n * math.log1p(-self.p))
+        keep = torch.full((n,), 1.0 / (1.0 - self.p), dtype=x.dtype, device=x.device)
+        keep[torch.randint(n, (k,), device=x.device)] = 0
+        return x * keep.view(x.shape)
+
+
+def use_index_dropout(model, impl: str, device) -> int:
+    """Swap the PEFT LoRA layers' ``nn.Dropout`` for ``IndexDropout`` when ``impl`` asks
+    ("indices", or "auto" on CPU); returns how many were swapped."""
+    if impl == "torch" or (impl == "auto" and device.type != "cpu"):
+        return 0
+    swapped = 0
+    for module in model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        if not isinstance(drops, torch.nn.ModuleDict):
+            continue
+        for name, drop in list(drops.items()):
+            if type(drop) is torch.nn.Dropout:
+                drops[name] = IndexDropout(drop.p)
+                swapped += 1
+    return swapped
+
+
 def build_finetune(cfg: FinetuneConfig, device):
     """Target model with PEFT LoRA adapters; only the adapters train."""
     from peft import get_peft_model
@@ -110,6 +154,7 @@ def build_finetune(cfg: FinetuneConfig, device):
     with warnings.catch_warnings():  # PEFT reads a property transformers 5 deprecated
         warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*", FutureWarning)
         model = get_peft_model(base, lora_config(cfg))  # freezes the base
+    use_index_dropout(model, cfg.lora.dropout_impl, device)
     trainable = lora_parameters(model)
     stray = [n for n, p in model.named_parameters() if p.requires_grad and n not in trainable]
     if stray:
