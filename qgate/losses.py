@@ -46,7 +46,7 @@ def weighted_gates(gates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (gates * weights.unsqueeze(1)).sum(-1)
 
 
-def quality_loss(
+def quality_terms(
     gates: torch.Tensor,
     mask: torch.Tensor,
     kind: str = "linear",
@@ -54,9 +54,10 @@ def quality_loss(
     balance: float = 0.2,
     weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The gate quality loss of DESIGN.md, plus ``contrast``.
+    """Each row's term of the gate quality loss (B,), a mean over layers; the loss of a batch
+    is their mean (:func:`quality_loss`), so a batch cut into row groups sums its terms.
 
-    ``linear``: mean over layers of the batch mean of g_bar (pushes gates down).
+    ``linear``: g_bar (pushes gates down).
     ``target_balanced``: pool rows contribute ``balance * g_bar`` and target rows
     ``(2 - balance) * (1 - g_bar)``, so gates open on target-like data.
     ``contrast``: binary cross-entropy of each layer's score ``s_l`` (token weights
@@ -69,14 +70,27 @@ def quality_loss(
             raise ValueError("contrast needs is_target (the corrupted rows) and token weights")
         s = weighted_gates(gates, weights).clamp(1e-6, 1 - 1e-6)  # (B, L)
         y = (~is_target.bool()).to(s.dtype).unsqueeze(-1).expand_as(s)
-        return F.binary_cross_entropy(s, y)
+        return F.binary_cross_entropy(s, y, reduction="none").mean(-1)
     g_bar = gate_means(gates, mask)  # (B, L)
     if kind == "linear":
-        return g_bar.mean(0).mean()
+        return g_bar.mean(-1)
     if kind == "target_balanced":
         if is_target is None:
             raise ValueError("target_balanced needs is_target per row")
         t = is_target.to(g_bar.dtype).unsqueeze(-1)  # (B, 1)
         per = (1 - t) * balance * g_bar + t * (2 - balance) * (1 - g_bar)
-        return per.mean(0).mean()
+        return per.mean(-1)
     raise ValueError(f"quality loss must be one of {QUALITY_LOSSES}, got {kind!r}")
+
+
+def quality_loss(
+    gates: torch.Tensor,
+    mask: torch.Tensor,
+    kind: str = "linear",
+    is_target: torch.Tensor | None = None,
+    balance: float = 0.2,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The gate quality loss of DESIGN.md, plus ``contrast``: the mean of
+    :func:`quality_terms` over the batch's rows."""
+    return quality_terms(gates, mask, kind, is_target, balance, weights).mean()

@@ -210,7 +210,7 @@ def _save_checkpoint(path, model, meta, trainable, optimizer, scheduler, step, h
 def _gated_step(model, batch: dict, cfg: WarmupConfig):
     """Warmup forward: the decoder body with gates, nll only at the scored positions.
 
-    Returns (lm loss, gates (B, L, T), scored mask (B, T), token weights (B, T)): the same
+    Returns (summed nll, gates (B, L, T), scored mask (B, T), token weights (B, T)): the same
     token selection and ppl weights as the score stage, and no (B, T, V) logits.
     """
     from qgate.model import forward
@@ -218,9 +218,8 @@ def _gated_step(model, batch: dict, cfg: WarmupConfig):
 
     hidden, gates = forward(model, batch["input_ids"], batch["attention_mask"], body_only=True)
     nll, mask = scored_token_nll(model, hidden, batch["labels"])  # grads flow in mix mode
-    lm = (nll * mask).sum() / mask.sum().clamp(min=1)
     weights = token_weights(nll.detach(), mask, cfg.alpha, 1e-8) if cfg.loss == "contrast" else None
-    return lm, gates.float(), mask, weights
+    return (nll * mask).sum(), gates.float(), mask, weights
 
 
 def _lm_sum(model, batch: dict) -> torch.Tensor:
@@ -240,8 +239,8 @@ def length_groups(rows: list[dict], device) -> list[list[int]]:
     """A micro-batch's rows cut into groups of similar length (qgate.scoring.micro_batches,
     the scoring stage's partition), none padded wider than the micro-batch's longest row.
 
-    Padding every row to the batch's longest made a 16-row SmolLM2 finetune batch of the
-    synthetic pool about half padding; the groups keep only the padding that saves a call."""
+    Padding every row to the batch's longest made a 16-row batch of the synthetic pool about
+    half padding (SmolLM2's tokenizer); the groups keep only the padding that saves a call."""
     from qgate.scoring import device_call_tokens, micro_batches
 
     lengths = [len(r["input_ids"]) for r in rows]
@@ -307,8 +306,9 @@ def train_loop(loop_cfg: dict) -> None:
         for a in range(cfg.grad_accum):
             idx, tidx = micro_batch_indices(plan, rank, cfg.seed, step * cfg.grad_accum + a)
             rows = [pool[i] for i in idx] + [targets[i] for i in tidx]
-            step_fn = _gate_micro_step if stage == "warmup" else _lm_micro_step
-            step_fn(model, rows, tok.pad_token_id, device, cfg, use_amp, window)
+            _micro_step(
+                model, rows, tok.pad_token_id, device, cfg, use_amp, window, stage == "warmup"
+            )
         if world > 1:
             _all_reduce_grads(params, world)
         optimizer.step()
@@ -409,39 +409,43 @@ class _Window:
         )
 
 
-def _gate_micro_step(model, rows, pad_id, device, cfg, use_amp, window: _Window) -> None:
-    """Warmup: forward and backward of one micro-batch, padded as one (the quality loss
-    compares rows within it), LM loss plus the quality loss; adds its figures to the window."""
-    batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-        lm, gates, mask, weights = _gated_step(model, batch, cfg)
-    ql = losses.quality_loss(gates, mask, cfg.loss, batch["is_target"], cfg.balance, weights)
-    ((lm + cfg.quality_weight * ql) / cfg.grad_accum).backward()
-    window.q += ql.item()
-    g_layer = losses.gate_means(gates.detach(), mask).mean(0)
-    window.gate = g_layer if window.gate is None else window.gate + g_layer
-    window.lm += lm.item()
-    window.n += 1
-    window.tokens += int(batch["attention_mask"].sum())
+def _micro_step(model, rows, pad_id, device, cfg, use_amp, window: _Window, quality) -> None:
+    """Forward and backward of one micro-batch in length groups (length_groups): LM loss,
+    plus the gate quality loss in warmup (``quality``); adds its figures to the window.
 
-
-def _lm_micro_step(model, rows, pad_id, device, cfg, use_amp, window: _Window) -> None:
-    """Finetune: forward and backward of one micro-batch in length groups (length_groups).
-
-    The loss is the mean nll over the micro-batch's labelled tokens: each group adds its
-    summed nll over the micro-batch's count, so the accumulated gradient is the one of the
-    micro-batch padded as one (equal within float rounding; dropout draws differ)."""
-    total = sum(int((np.asarray(r["labels"][1:]) != -100).sum()) for r in rows)
-    lm = 0.0
+    Both losses are means over the micro-batch, the LM loss over its labelled tokens and the
+    quality loss over its rows (losses.quality_terms). Each group adds its sums over the
+    micro-batch's counts, so the accumulated gradient is the one of the micro-batch padded
+    as one (equal within float rounding; dropout draws differ)."""
+    n_tokens = max(1, sum(int((np.asarray(r["labels"][1:]) != -100).sum()) for r in rows))
+    n_rows = len(rows)
+    lm = q = 0.0
+    gate_sum = None
     for group in length_groups(rows, device):
         batch = {k: v.to(device) for k, v in collate([rows[i] for i in group], pad_id).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            nll_sum = _lm_sum(model, batch)
-        (nll_sum / max(total, 1) / cfg.grad_accum).backward()
-        lm += nll_sum.item()
+            if quality:
+                lm_sum, gates, mask, weights = _gated_step(model, batch, cfg)
+            else:
+                lm_sum = _lm_sum(model, batch)
+        loss = lm_sum / n_tokens
+        if quality:
+            terms = losses.quality_terms(
+                gates, mask, cfg.loss, batch["is_target"], cfg.balance, weights
+            )
+            loss = loss + cfg.quality_weight * terms.sum() / n_rows
+            q += terms.sum().item()
+            g = losses.gate_means(gates.detach(), mask).sum(0)
+            gate_sum = g if gate_sum is None else gate_sum + g
+        (loss / cfg.grad_accum).backward()
+        lm += lm_sum.item()
         window.tokens += int(batch["attention_mask"].sum())
-    window.lm += lm / max(total, 1)
+    window.lm += lm / n_tokens
     window.n += 1
+    if quality:
+        window.q += q / n_rows
+        g_layer = gate_sum / n_rows
+        window.gate = g_layer if window.gate is None else window.gate + g_layer
 
 
 def _maybe_fault(fault: dict, stage: str, step: int, rank: int, world: int) -> None:
