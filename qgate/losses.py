@@ -54,8 +54,9 @@ def quality_terms(
     balance: float = 0.2,
     weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Each row's term of the gate quality loss (B,), a mean over layers; the loss of a batch
-    is their mean (:func:`quality_loss`), so a batch cut into row groups sums its terms.
+    """Each row's term of the gate quality loss of DESIGN.md (plus ``contrast``), as (B,):
+    a mean over layers. A batch's loss is their mean; a batch cut into row groups sums its
+    groups' terms over its row count (qgate.training).
 
     ``linear``: g_bar (pushes gates down).
     ``target_balanced``: pool rows contribute ``balance * g_bar`` and target rows
@@ -81,16 +82,3 @@ def quality_terms(
         per = (1 - t) * balance * g_bar + t * (2 - balance) * (1 - g_bar)
         return per.mean(-1)
     raise ValueError(f"quality loss must be one of {QUALITY_LOSSES}, got {kind!r}")
-
-
-def quality_loss(
-    gates: torch.Tensor,
-    mask: torch.Tensor,
-    kind: str = "linear",
-    is_target: torch.Tensor | None = None,
-    balance: float = 0.2,
-    weights: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The gate quality loss of DESIGN.md, plus ``contrast``: the mean of
-    :func:`quality_terms` over the batch's rows."""
-    return quality_terms(gates, mask, kind, is_target, balance, weights).mean()

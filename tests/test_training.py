@@ -43,7 +43,9 @@ def _whole_batch_loss(model, batch, cfg, quality: bool) -> torch.Tensor:
     if not quality:
         return _lm_sum(model, batch) / n_tokens
     lm_sum, gates, mask, weights = _gated_step(model, batch, cfg)
-    ql = losses.quality_loss(gates, mask, cfg.loss, batch["is_target"], cfg.balance, weights)
+    ql = losses.quality_terms(
+        gates, mask, cfg.loss, batch["is_target"], cfg.balance, weights
+    ).mean()
     return lm_sum / n_tokens + cfg.quality_weight * ql
 
 
