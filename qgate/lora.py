@@ -107,8 +107,8 @@ class IndexDropout(torch.nn.Dropout):
     escapes all ``k`` draws with probability ``(1 - 1/n)^k = 1 - p + O(1/n)``: the keep rate
     and the expectation are torch's, while the draws fall to about 5% for ``p = 0.05``. On CPU
     torch's per-element RNG costs more than a LoRA step's matmuls (a quarter of a SmolLM2
-    LoRA step in a profile); this makes the step 1.3-1.5x faster. Draws come from torch's global
-    generator, so seeded runs (and resumes) repeat exactly. Small tensors (under
+    LoRA step in a profile); this makes the step 1.3-1.5x faster. Draws come from torch's
+    global generator, so seeded runs (and resumes) repeat exactly. Small tensors (under
     ``MIN_ELEMENTS``), where the O(1/n) term would show, use torch's dropout.
     """
 
@@ -125,12 +125,11 @@ class IndexDropout(torch.nn.Dropout):
         return x * keep.view(x.shape)
 
 
-def use_index_dropout(model, impl: str, device) -> int:
+def use_index_dropout(model, impl: str, device) -> None:
     """Swap the PEFT LoRA layers' ``nn.Dropout`` for ``IndexDropout`` when ``impl`` asks
-    ("indices", or "auto" on CPU); returns how many were swapped."""
+    ("indices", or "auto" on CPU)."""
     if impl == "torch" or (impl == "auto" and device.type != "cpu"):
-        return 0
-    swapped = 0
+        return
     for module in model.modules():
         drops = getattr(module, "lora_dropout", None)
         if not isinstance(drops, torch.nn.ModuleDict):
@@ -138,8 +137,6 @@ def use_index_dropout(model, impl: str, device) -> int:
         for name, drop in list(drops.items()):
             if type(drop) is torch.nn.Dropout:
                 drops[name] = IndexDropout(drop.p)
-                swapped += 1
-    return swapped
 
 
 def build_finetune(cfg: FinetuneConfig, device):
