@@ -824,6 +824,10 @@ def pick_downstream(rows: list[dict], budget: float, top: int, default: str | No
 REDRAWN = "random, redrawn per seed"
 """A downstream-only arm: random at the budget, the selection's seed following the finetune
 seed, so its spread includes the draw of the rows (the other arms keep one selection)."""
+ORACLE = "oracle: clean rows only"
+"""A downstream-only ceiling: the budget's rows drawn at random from the rows the corpus labels
+clean. No score can filter noise better, so it bounds what selection against noise can gain."""
+FULL_POOL = Method("full pool", "probe_linear", {"method": "random"})
 
 
 def run_downstream(
@@ -849,7 +853,7 @@ def run_downstream(
     results["base_exact_match"] = base_exact_match(base, corpus["test"], out, st)
     for name in names:
         redraw = name == REDRAWN
-        if name in ("full pool", REDRAWN):
+        if name in ("full pool", REDRAWN, ORACLE):
             # the full pool: every scored row (the score stage rejects a few rows finetune
             # would refuse too); REDRAWN: random at the budget, drawn again for every seed
             m, noise = Method(name, "probe_linear", {"method": "random"}), None
@@ -857,7 +861,10 @@ def run_downstream(
         else:
             m, ratio = next(m for m in METHODS if m.name == name), budget
             noise = by_name[name]["budgets"][str(budget)]["noise_share"]
-        s = None if redraw else _select_arm(cond, corpus, out, m, ratio, None)
+        if name == ORACLE:
+            s = _oracle_arm(cond, corpus, out, budget)
+        elif not redraw:
+            s = _select_arm(cond, corpus, out, m, ratio, None)
         per_seed, noises = [], []
         for seed in seeds:
             if redraw:
@@ -901,6 +908,31 @@ def _select_arm(cond: dict, corpus: dict, out: str, m: Method, ratio: float, see
     summary = run_selection(cfg)
     summary["data"] = os.path.join(sel_dir, "selected.jsonl")
     return summary
+
+
+def _oracle_arm(cond: dict, corpus: dict, out: str, budget: float) -> dict:
+    """The ORACLE arm: of the scored rows (the full pool's selection), ``budget`` of them
+    drawn with a fixed seed from those the pool labels clean; the summary as _select_arm's."""
+    import random
+
+    from qgate import data
+    from qgate.budget import budget_rows
+    from qgate.config import SelectConfig
+    from qgate.report import read_labels
+
+    full = _select_arm(cond, corpus, out, FULL_POOL, 1.0, None)
+    labels = read_labels([corpus["pool"]], "noise") or {}
+    with open(full["data"], encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    clean = [r for r in rows if labels.get(r["sample_id"]) == "clean"]
+    k = budget_rows(SelectConfig(budget_ratio=budget), len(rows))  # the selections' own rule
+    if len(clean) < k:
+        raise ValueError(f"the oracle arm needs {k} clean rows, the pool has {len(clean)}")
+    picked = random.Random(0).sample(clean, k)
+    path = os.path.join(out, "selections", _slug(ORACLE), "selected.jsonl")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    data.write_jsonl(path, picked)
+    return {"data": path, "selected": k, "label_metrics": {"noise_share_selected": 0.0}}
 
 
 def _slug(name: str) -> str:
@@ -1068,7 +1100,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="+",
         help="the selection methods finetuned downstream (default: the best few by noise share,"
         f" plus the package default); random and the full pool are always added; {REDRAWN!r}"
-        " redraws random's rows for every seed",
+        f" redraws random's rows for every seed; {ORACLE!r} draws them from the clean rows",
     )
     ap.add_argument(
         "--no-reference-arms",

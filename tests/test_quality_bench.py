@@ -70,6 +70,17 @@ def test_tiny_bench_writes_one_row_per_method(ray_session, tmp_path):
     for r, s in zip(cond["rows"], again["rows"], strict=True):
         assert s["auroc"] == r["auroc"] and s["warmup_s"] is None
 
+    # the downstream oracle arm: the budget's share of the scored rows, every one labelled clean
+    corpus = bench._condition_corpus(cond)
+    oracle = bench._oracle_arm(cond, corpus, str(out / "downstream"), 0.3)
+    with open(oracle["data"]) as f:
+        picked = [json.loads(line)["sample_id"] for line in f]
+    with open(corpus["pool"]) as f:
+        noise = {r["id"]: r["noise"] for r in map(json.loads, f)}
+    scored = sum(r["budgets"]["0.3"]["selected"] for r in cond["rows"] if r["method"] == "random")
+    assert len(picked) == len(set(picked)) == oracle["selected"] == scored
+    assert {noise[i] for i in picked} == {"clean"}
+
 
 # ----------------------------------------------------------------------------- calibration
 
