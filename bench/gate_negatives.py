@@ -1,7 +1,7 @@
 """Which corrupted copies teach a gate something that holds on noise it never saw? (issue 13)
 
     python bench/gate_negatives.py --base-model models/smollm2 [--n-pool 2000] [--seed 0]
-        [--per-kind 400] [--out runs/bench_gate_negatives]
+        [--per-kind 400] [--readouts mean last] [--out runs/bench_gate_negatives]
 
 A contrast gate is a linear read-out of each decoder layer's MLP input, trained to open on
 real pool rows and close on corrupted copies of them. Which copies it is trained on decides
@@ -12,8 +12,9 @@ copies can teach by accident.
 
 This bench asks that question cheaply, on the real model, without training the model's gates
 once per candidate set: one forward pass over the labelled pool and over corrupted copies of
-every kind gives each row's per-layer mean MLP input over its answer tokens (exactly what a
-gate reads). Then, per candidate set of corruptions, per-layer logistic probes (the gate's
+every kind gives each row's per-layer MLP input (what a gate reads), averaged over its answer
+tokens (``mean``) and at its last answer token (``last``, which has attended to the prompt
+and the whole answer: a read-out of the row, as a reward model's). Then, per candidate set of corruptions, per-layer logistic probes (the gate's
 own form: one linear unit per layer, on the layer's input) are fitted to tell pool rows from
 those copies, with 2-fold cross-fitting over source rows so no row is scored by a probe that
 saw it, and their layer-mean decision value ranks the pool. The report is AUROC clean vs
@@ -53,7 +54,8 @@ RESEMBLES = {  # the noise kinds a corruption builds (or nearly builds)
 
 
 def features(model, tok, rows: list[dict], max_length: int, batch_tokens: int = 8192):
-    """(n, L, H) mean MLP input over each row's scored answer tokens, and (n,) answer tokens."""
+    """Per row and layer, the MLP input averaged over the row's scored answer tokens and the
+    MLP input at its last scored token (both (n, L, H)), and (n,) answer tokens."""
     from qgate.chat import tokenize_messages
     from qgate.model import decoder_layers
     from qgate.scoring import micro_batches
@@ -62,6 +64,7 @@ def features(model, tok, rows: list[dict], max_length: int, batch_tokens: int = 
     encs = [tokenize_messages(tok, r["messages"], max_length) for r in rows]
     n, L, H = len(rows), len(layers), model.config.hidden_size
     out = np.zeros((n, L, H), dtype=np.float32)
+    last = np.zeros((n, L, H), dtype=np.float32)
     n_ans = np.zeros(n, dtype=np.int32)
     grabbed: list[torch.Tensor | None] = [None] * L
 
@@ -91,14 +94,18 @@ def features(model, tok, rows: list[dict], max_length: int, batch_tokens: int = 
                 model.model(input_ids=ids, attention_mask=att)
                 m = mask.unsqueeze(-1).float()  # (B, T, 1)
                 cnt = m.sum(1).clamp(min=1)  # (B, 1)
+                pos = torch.arange(width) * mask  # the last scored position, 0 if none
+                end = pos.max(1).values
+                rows_b = torch.arange(len(g))
                 for li in range(L):
                     pooled = (grabbed[li].float() * m).sum(1) / cnt  # (B, H)
                     out[g, li] = pooled.numpy()
+                    last[g, li] = grabbed[li][rows_b, end].float().numpy()
                 n_ans[g] = mask.sum(1).numpy()
     finally:
         for h in handles:
             h.remove()
-    return out, n_ans
+    return out, last, n_ans
 
 
 def make_copies(rows: list[dict], kinds: list[str], per_kind: int, seed: int):
@@ -162,6 +169,14 @@ def main(argv=None) -> int:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--out", default="runs/bench_gate_negatives")
     ap.add_argument("--sets", nargs="*", help="corruption sets, comma-separated kinds")
+    ap.add_argument(
+        "--readouts",
+        nargs="+",
+        choices=("mean", "last"),
+        default=["mean", "last"],
+        help="what a probe reads per layer: the MLP input averaged over the answer tokens, or"
+        " at the last answer token (which has attended to the whole row)",
+    )
     a = ap.parse_args(argv)
 
     from qgate.model import load_base
@@ -188,15 +203,19 @@ def main(argv=None) -> int:
     model, tok = load_base(a.base_model, dtype=torch.float32)
     model.eval()
     cache = os.path.join(a.out, "features.npz")
-    if os.path.exists(cache):
-        z = np.load(cache)
-        Xp, Xn, np_ans, nn_ans = z["Xp"], z["Xn"], z["np_ans"], z["nn_ans"]
-    else:
-        Xp, np_ans = features(model, tok, rows, a.max_length)
+    z = np.load(cache) if os.path.exists(cache) else {}
+    if "Xp_last" in z:
+        X = {"mean": (z["Xp"], z["Xn"]), "last": (z["Xp_last"], z["Xn_last"])}
+        np_ans, nn_ans = z["np_ans"], z["nn_ans"]
+    else:  # none yet, or one from before the last-token read-out
+        Xp, Xp_last, np_ans = features(model, tok, rows, a.max_length)
         print(f"pool features {Xp.shape} in {time.perf_counter() - t0:.0f}s", flush=True)
-        Xn, nn_ans = features(model, tok, copies, a.max_length)
+        Xn, Xn_last, nn_ans = features(model, tok, copies, a.max_length)
         print(f"copy features {Xn.shape} in {time.perf_counter() - t0:.0f}s", flush=True)
-        np.savez(cache, Xp=Xp, Xn=Xn, np_ans=np_ans, nn_ans=nn_ans)
+        np.savez(
+            cache, Xp=Xp, Xn=Xn, Xp_last=Xp_last, Xn_last=Xn_last, np_ans=np_ans, nn_ans=nn_ans
+        )
+        X = {"mean": (Xp, Xn), "last": (Xp_last, Xn_last)}
     sets = (
         [s.split(",") for s in a.sets]
         if a.sets
@@ -216,20 +235,21 @@ def main(argv=None) -> int:
         flush=True,
     )
     results = []
-    print("| corruptions | AUROC | " + " | ".join(NOISE) + " |")
+    print("| corruptions | read-out | AUROC | " + " | ".join(NOISE) + " |")
     for s in sets:
         take = np.isin(neg_kind, s)
-        sc = probe_scores(Xp, Xn[take], neg_src[take])
-        r = aurocs(sc, labels)
         built = set().union(*(RESEMBLES.get(k, set()) for k in s))
-        cells = [f"{r[k]:.3f}{'' if k in built else '*'}" for k in NOISE]
-        line = f"| {'+'.join(s)} | {r['all']:.3f} | " + " | ".join(cells) + " |"
-        print(line, flush=True)
-        results.append({"set": s, "auroc": r})
+        for readout in a.readouts:
+            Xp, Xn = X[readout]
+            r = aurocs(probe_scores(Xp, Xn[take], neg_src[take]), labels)
+            cells = [f"{r[k]:.3f}{'' if k in built else '*'}" for k in NOISE]
+            line = f"| {'+'.join(s)} | {readout} | {r['all']:.3f} | " + " | ".join(cells) + " |"
+            print(line, flush=True)
+            results.append({"set": s, "readout": readout, "auroc": r})
     # the length baseline beside them: the confound a gate can learn from its negatives
     r = aurocs(np_ans.astype(float), labels)
     print(
-        "| (answer length alone) | "
+        "| (answer length alone) | – | "
         + f"{r['all']:.3f} | "
         + " | ".join(f"{r[k]:.3f}" for k in NOISE)
         + " |"
