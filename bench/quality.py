@@ -73,14 +73,16 @@ NOISE_SHORT = ("gib", "wrong", "trunc", "copied", "rep", "dup", "refus")
 
 @dataclass(frozen=True)
 class GateVariant:
-    """One warmup recipe: gate mode, quality loss, learning rate and (contrast) the
-    corruption kinds of its negatives (None: WarmupConfig's default)."""
+    """One warmup recipe: gate mode, quality loss, learning rate, (contrast) the corruption
+    kinds of its negatives (None: WarmupConfig's default) and the token-weight exponent alpha
+    of both warmup and scoring (0: every scored token weighs the same)."""
 
     name: str
     mode: str
     loss: str
     lr: float = 3e-3
     corruptions: tuple[str, ...] | None = None
+    alpha: float = 1.0
 
 
 GATES = {
@@ -97,9 +99,15 @@ NEGATIVE_SETS = {
 }
 for _name, _kinds in NEGATIVE_SETS.items():
     GATES[_name] = GateVariant(_name, "probe", "contrast", lr=1e-2, corruptions=_kinds)
+# the shipped contrast gate with every answer token weighed the same (alpha 0), in its warmup
+# loss and its scores, against the perplexity weights (alpha 1) of the method's s_l
+GATES["probe_contrast_a0"] = GateVariant("probe_contrast_a0", "probe", "contrast", 1e-2, alpha=0.0)
+VARIANT_LABELS = {g: "+".join(kinds) for g, kinds in NEGATIVE_SETS.items()}
+VARIANT_LABELS["probe_contrast_a0"] = "alpha 0"
+"""The opt-in contrast gates, by the label their methods carry in the table."""
 REAL_GATES = ("probe_linear", "probe_contrast")
 """On a real base (--base-model) the original recipe and the contrast gate are trained."""
-OPT_IN_GATES = tuple(NEGATIVE_SETS)
+OPT_IN_GATES = tuple(VARIANT_LABELS)
 """Trained only when --gates names them (comparisons for one question, not every run)."""
 
 
@@ -134,15 +142,15 @@ METHODS = (
     Method("gate probe+contrast", "probe_contrast", {"method": "quality_gate", "diversity": False}),
     *(
         m
-        for g, kinds in NEGATIVE_SETS.items()
+        for g, label in VARIANT_LABELS.items()
         for m in (
             Method(
-                f"gate probe+contrast [{'+'.join(kinds)}]",
+                f"gate probe+contrast [{label}]",
                 g,
                 {"method": "quality_gate", "diversity": False},
             ),
             Method(
-                f"worst_rank(contrast gate [{'+'.join(kinds)}],ppl,ifd) src",
+                f"worst_rank(contrast gate [{label}],ppl,ifd) src",
                 g,
                 {
                     "method": "worst_rank",
@@ -426,6 +434,7 @@ def warmup_and_score(
         target_fraction=0.5 if variant.loss == "contrast" else 0.25,
         **({"corruptions": list(variant.corruptions)} if variant.corruptions else {}),
         balance=0.2,
+        alpha=variant.alpha,
         quality_weight=1.0,
         lr=variant.lr,
         max_steps=st.warmup_steps,
@@ -447,6 +456,7 @@ def warmup_and_score(
         base_model=base,
         corpus=[corpus["pool"]],
         max_length=st.max_length,
+        alpha=variant.alpha,
         ifd=variant.mode == "probe",  # probe logits are the base's: nll and IFD are too
         actors=Actors(min_size=1, max_size=st.actors, num_cpus=st.actor_cpus),
         batch_rows=256,
