@@ -167,7 +167,8 @@ class WarmupConfig(TrainConfig):
     corruptions: list[str] = field(default_factory=lambda: list(DEFAULT_CORRUPTIONS))
     """contrast: the corruption kinds that make negatives (qgate/corruption.py)."""
     alpha: float = 1.0
-    """contrast: token-weight exponent; use the score stage's alpha."""
+    """contrast: token-weight exponent of s_l, as the score stage computes it (0: every answer
+    token weighs the same); recorded with the gates, and the score stage's default."""
     gate_bias: bool = True
     """Gates with a bias (False: the original project's Linear(hidden, 1, bias=False))."""
     head_negatives: int = 0
@@ -332,7 +333,9 @@ class ScoreConfig:
     max_length: int = 1024
     loss_on: Literal["assistant", "all"] = "assistant"
     """Which tokens are scored (nll and gate weights)."""
-    alpha: float = 1.0
+    alpha: float | None = None
+    """Token-weight exponent of the gate score s_l (0: every scored token weighs the same).
+    None: the alpha a contrast warmup trained the gates with (their qgate.json), else 1."""
     eps: float = 1e-8
     embedding_dim: int | None = None
     """Project embeddings to this size with a seeded random matrix (None: hidden size)."""

@@ -92,6 +92,24 @@ def test_contrast_loss_is_bce_of_the_scored_gate():
     torch.testing.assert_close(got, want)
 
 
+def test_score_alpha_follows_the_gates_unless_set(capsys):
+    """Guards against the score stage weighing tokens otherwise than a contrast warmup trained
+    its gates to (alpha unset), or overriding the gates' alpha without saying so (alpha set)."""
+    from qgate.batch_scoring import scoring_alpha
+
+    def meta(extra):
+        return M.GateMeta("probe", 2, 8, "base", 0.0, extra=extra)
+
+    contrast0 = meta({"loss": "contrast", "alpha": 0.0})
+    assert scoring_alpha(None, contrast0) == 0.0
+    assert scoring_alpha(None, meta({"loss": "linear"})) == 1.0  # trained without weights
+    assert scoring_alpha(None, None) == 1.0  # fresh gates
+    assert capsys.readouterr().out == ""
+    assert scoring_alpha(1.0, contrast0) == 1.0
+    assert "differs from the alpha the gates were trained with (0)" in capsys.readouterr().out
+    assert scoring_alpha(0.0, contrast0) == 0.0 and capsys.readouterr().out == ""
+
+
 @pytest.fixture(scope="module")
 def contrast_run(tiny_model, corpus, ray_session, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("contrast")
