@@ -89,21 +89,23 @@ GATES = {
     "probe_linear": GateVariant("probe_linear", "probe", "linear"),
     "mix_linear": GateVariant("mix_linear", "mix", "linear"),
     "probe_target": GateVariant("probe_target", "probe", "target_balanced"),
-    "probe_contrast": GateVariant("probe_contrast", "probe", "contrast", lr=1e-2),
+    # warmup.yaml's recipe: every answer token weighs the same in s_l (alpha 0)
+    "probe_contrast": GateVariant("probe_contrast", "probe", "contrast", lr=1e-2, alpha=0.0),
 }
 # contrast gates on other sets of negatives, side by side with the shipped one (opt-in):
-# the five kinds shipped before `extend` existed, and all six
+# the five kinds shipped before `extend` existed, and all six (both with alpha 1, as then)
 NEGATIVE_SETS = {
     "probe_contrast5": ("swap", "truncate", "repeat", "shuffle", "char_noise"),
     "probe_contrast6": ("swap", "truncate", "repeat", "shuffle", "char_noise", "extend"),
 }
 for _name, _kinds in NEGATIVE_SETS.items():
     GATES[_name] = GateVariant(_name, "probe", "contrast", lr=1e-2, corruptions=_kinds)
-# the shipped contrast gate with every answer token weighed the same (alpha 0), in its warmup
-# loss and its scores, against the perplexity weights (alpha 1) of the method's s_l
-GATES["probe_contrast_a0"] = GateVariant("probe_contrast_a0", "probe", "contrast", 1e-2, alpha=0.0)
+# the shipped recipe with the method's perplexity token weights (alpha 1), in its warmup loss
+# and its scores: warmup.yaml's recipe until 2026-12-07 (measured then as the opt-in
+# "probe_contrast_a0" against this one)
+GATES["probe_contrast_a1"] = GateVariant("probe_contrast_a1", "probe", "contrast", 1e-2, alpha=1.0)
 VARIANT_LABELS = {g: "+".join(kinds) for g, kinds in NEGATIVE_SETS.items()}
-VARIANT_LABELS["probe_contrast_a0"] = "alpha 0"
+VARIANT_LABELS["probe_contrast_a1"] = "alpha 1"
 """The opt-in contrast gates, by the label their methods carry in the table."""
 REAL_GATES = ("probe_linear", "probe_contrast")
 """On a real base (--base-model) the original recipe and the contrast gate are trained."""
