@@ -501,36 +501,19 @@ def _warmup_gates(cfg: ScoreConfig) -> str | None:
     return None
 
 
-def scoring_alpha(alpha: float | None, meta) -> float:
-    """The token-weight exponent to score with: ``alpha`` if set, else the one a contrast
-    warmup trained ``meta``'s gates with, else 1. A set alpha that differs from the gates'
-    is kept, with a warning: their scores then weigh tokens as the gates were not taught."""
-    trained = (meta.extra or {}).get("alpha") if meta is not None else None
-    if alpha is None:
-        return float(trained) if trained is not None else 1.0
-    if trained is not None and float(trained) != float(alpha):
-        print(
-            f"[score] warning: alpha {alpha:g} differs from the alpha the gates were trained"
-            f" with ({float(trained):g}); leave alpha unset to follow the gates",
-            flush=True,
-        )
-    return float(alpha)
-
-
 def _fixed_plan(cfg: ScoreConfig, gates, out: str, shards, dedup, minhash):
     """(ScoringSettings, plan): the plan (shards, digests, settings, dedup) is written once and
     must match on every resume, so one output never mixes two corpora, models or dtypes."""
     from qgate.model import read_meta
     from qgate.scorer import ScoringSettings, loaded_digests
 
-    meta = read_meta(gates) if gates else None
     settings = ScoringSettings.for_model(
         cfg.base_model,
-        meta,
+        read_meta(gates) if gates else None,
         scoring_dtype(cfg),
         max_length=cfg.max_length,
         loss_on=cfg.loss_on,
-        alpha=scoring_alpha(cfg.alpha, meta),
+        alpha=cfg.alpha,
         eps=cfg.eps,
         embedding_dim=cfg.embedding_dim,
         embedding_seed=cfg.embedding_seed,

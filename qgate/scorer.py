@@ -26,6 +26,22 @@ with other rows, so other padding (nll 0.38, gate 0.015, the job against the loo
 rows). In fp32 a row's score does not depend on its batch-mates beyond float rounding."""
 
 
+def scoring_alpha(alpha: float | None, meta) -> float:
+    """The token-weight exponent to score with: ``alpha`` if set, else the one a contrast
+    warmup trained ``meta``'s gates with, else 1. A set alpha that differs from the gates'
+    is kept, with a warning: their scores then weigh tokens as the gates were not taught."""
+    trained = (meta.extra or {}).get("alpha") if meta is not None else None
+    if alpha is None:
+        return float(trained) if trained is not None else 1.0
+    if trained is not None and float(trained) != float(alpha):
+        print(
+            f"[score] warning: alpha {alpha:g} differs from the alpha the gates were trained"
+            f" with ({float(trained):g}); leave alpha unset to follow the gates",
+            flush=True,
+        )
+    return float(alpha)
+
+
 @dataclass(frozen=True)
 class ScoringSettings:
     """What defines a score; two scores are comparable only under equal settings."""
@@ -50,15 +66,18 @@ class ScoringSettings:
 
     @classmethod
     def for_model(cls, base_model: str, gate_meta, dtype: str, **score_args) -> ScoringSettings:
-        """Settings for scoring ``base_model`` (with gates ``gate_meta``, or fresh probe gates)."""
+        """Settings for scoring ``base_model`` (with gates ``gate_meta``, or fresh probe gates);
+        an ``alpha`` of None follows the gates (:func:`scoring_alpha`)."""
         from transformers import AutoConfig
 
         from qgate.model import resolve_base
 
         config = AutoConfig.from_pretrained(resolve_base(base_model))
         dim = score_args.get("embedding_dim")
+        alpha = scoring_alpha(score_args.pop("alpha", None), gate_meta)
         return cls(
             **score_args,
+            alpha=alpha,
             embedding_dim_out=dim or config.hidden_size,
             hidden_size=config.hidden_size,
             num_layers=gate_meta.num_layers if gate_meta else config.num_hidden_layers,

@@ -95,7 +95,7 @@ def test_contrast_loss_is_bce_of_the_scored_gate():
 def test_score_alpha_follows_the_gates_unless_set(capsys):
     """Guards against the score stage weighing tokens otherwise than a contrast warmup trained
     its gates to (alpha unset), or overriding the gates' alpha without saying so (alpha set)."""
-    from qgate.batch_scoring import scoring_alpha
+    from qgate.scorer import scoring_alpha
 
     def meta(extra):
         return M.GateMeta("probe", 2, 8, "base", 0.0, extra=extra)
