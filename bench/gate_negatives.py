@@ -14,9 +14,9 @@ This bench asks that question cheaply, on the real model, without training the m
 once per candidate set: one forward pass over the labelled pool and over corrupted copies of
 every kind gives each row's per-layer MLP input (what a gate reads), averaged over its answer
 tokens (``mean``) and at its last answer token (``last``, which has attended to the prompt
-and the whole answer: a read-out of the row, as a reward model's). Then, per candidate set of corruptions, per-layer logistic probes (the gate's
-own form: one linear unit per layer, on the layer's input) are fitted to tell pool rows from
-those copies, with 2-fold cross-fitting over source rows so no row is scored by a probe that
+and the whole answer: a read-out of the row, as a reward model's). Then, per candidate set
+of corruptions, per-layer logistic probes (the gate's own form: one linear unit per layer, on
+the layer's input) are fitted to tell pool rows from those copies, with 2-fold cross-fitting over source rows so no row is scored by a probe that
 saw it, and their layer-mean decision value ranks the pool. The report is AUROC clean vs
 noisy for every noise kind of the synthetic generator, with the kinds no corruption of the
 set builds marked: what the gate learns beyond its own negatives.
