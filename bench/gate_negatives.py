@@ -50,6 +50,7 @@ RESEMBLES = {  # the noise kinds a corruption builds (or nearly builds)
     "shuffle": set(),
     "char_noise": {"gibberish"},
     "extend": set(),
+    "prompt": {"copied"},  # the generator's copied rows take a donor's answer or its prompt
 }
 
 
@@ -203,19 +204,22 @@ def main(argv=None) -> int:
     model, tok = load_base(a.base_model, dtype=torch.float32)
     model.eval()
     cache = os.path.join(a.out, "features.npz")
-    z = np.load(cache) if os.path.exists(cache) else {}
-    if "Xp_last" in z:
-        X = {"mean": (z["Xp"], z["Xn"]), "last": (z["Xp_last"], z["Xn_last"])}
-        np_ans, nn_ans = z["np_ans"], z["nn_ans"]
-    else:  # none yet, or one from before the last-token read-out
-        Xp, Xp_last, np_ans = features(model, tok, rows, a.max_length)
-        print(f"pool features {Xp.shape} in {time.perf_counter() - t0:.0f}s", flush=True)
-        Xn, Xn_last, nn_ans = features(model, tok, copies, a.max_length)
-        print(f"copy features {Xn.shape} in {time.perf_counter() - t0:.0f}s", flush=True)
-        np.savez(
-            cache, Xp=Xp, Xn=Xn, Xp_last=Xp_last, Xn_last=Xn_last, np_ans=np_ans, nn_ans=nn_ans
-        )
-        X = {"mean": (Xp, Xn), "last": (Xp_last, Xn_last)}
+    z = dict(np.load(cache)) if os.path.exists(cache) else {}
+    if "Xp_last" not in z:  # none yet, or one from before the last-token read-out
+        z = {}
+        z["Xp"], z["Xp_last"], z["np_ans"] = features(model, tok, rows, a.max_length)
+        print(f"pool features {z['Xp'].shape} in {time.perf_counter() - t0:.0f}s", flush=True)
+    # copies are made kind by kind (make_copies), so a kind added to CORRUPTIONS after the
+    # cache was written only appends copies: their features are computed and added
+    have = len(z.get("nn_ans", ()))
+    if have < len(copies):
+        new = features(model, tok, copies[have:], a.max_length)
+        for key, part in zip(("Xn", "Xn_last", "nn_ans"), new):
+            z[key] = np.concatenate([z[key], part]) if have else part
+        print(f"copy features {z['Xn'].shape} in {time.perf_counter() - t0:.0f}s", flush=True)
+        np.savez(cache, **z)
+    X = {"mean": (z["Xp"], z["Xn"]), "last": (z["Xp_last"], z["Xn_last"])}
+    np_ans, nn_ans = z["np_ans"], z["nn_ans"]
     sets = (
         [s.split(",") for s in a.sets]
         if a.sets

@@ -8,7 +8,8 @@ the one they came from. Each corruption breaks one property that every good answ
 - ``repeat``: the first few words of the answer repeated to its length (degenerate);
 - ``shuffle``: the answer's words in random order (incoherent);
 - ``char_noise``: a third of the answer's letters replaced by random ones (not language);
-- ``extend``: the answer followed by another row's answer (it runs on past its end, off topic).
+- ``extend``: the answer followed by another row's answer (it runs on past its end, off topic);
+- ``prompt``: another row's user turn as the answer (fluent and complete, but no answer).
 
 ``shuffle`` and ``char_noise`` make text that is not language; a gate trained on them learns
 in part "fluent is real", which ranks fluent noise (a boilerplate refusal, an answer to
@@ -25,19 +26,29 @@ from __future__ import annotations
 import random
 import string
 
-CORRUPTIONS = ("swap", "truncate", "repeat", "shuffle", "char_noise", "extend")
+CORRUPTIONS = ("swap", "truncate", "repeat", "shuffle", "char_noise", "extend", "prompt")
 DEFAULT_CORRUPTIONS = ("swap", "truncate", "repeat", "extend")
 """The contrast warmup's default negatives: each is made of real answer text, shortened
 (truncate), lengthened (extend, repeat) or moved to another prompt (swap), so what a gate
 learns is whether an answer fits and completes its prompt rather than whether it is fluent.
 On SmolLM2 they generalise best to the noise kinds none of them builds (BENCHMARKS.md,
 "Negatives made of real text"); shuffle and char_noise remain options."""
-DONOR_KINDS = ("swap", "extend")
+DONOR_KINDS = ("swap", "extend", "prompt")
 """The corruptions that take text from another row (the donor)."""
 
 
 def _answer_indices(messages: list[dict]) -> list[int]:
     return [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+
+
+def _donor_text(donor: dict, kind: str) -> str:
+    """What a donor row gives: its last answer, or (``prompt``) the user turn before it."""
+    messages = donor["messages"]
+    i = _answer_indices(messages)[-1]
+    if kind == "prompt":
+        turns = [m["content"] for m in messages[:i] if m["role"] == "user"]
+        return turns[-1] if turns else messages[i]["content"]
+    return messages[i]["content"]
 
 
 def _truncate(text: str, rng: random.Random) -> str:
@@ -81,7 +92,7 @@ def _char_noise(text: str, rng: random.Random) -> str:
 def corrupt(row: dict, kind: str, rng: random.Random, donor: dict | None = None) -> dict:
     """A corrupted copy of a canonical row (only its last assistant turn changes).
 
-    ``donor`` is the row whose answer ``swap`` and ``extend`` take. The copy's sample_id
+    ``donor`` is the row whose answer ``swap`` and ``extend`` take (``prompt``: its user turn). The copy's sample_id
     records where it came from (``<id>~<kind>``), so negatives never collide with real rows.
     """
     if kind not in CORRUPTIONS:
@@ -92,8 +103,8 @@ def corrupt(row: dict, kind: str, rng: random.Random, donor: dict | None = None)
     if kind in DONOR_KINDS:
         if donor is None:
             raise ValueError(f"{kind} needs a donor row")
-        other = donor["messages"][_answer_indices(donor["messages"])[-1]]["content"]
-        new = other if kind == "swap" else f"{text.rstrip()} {other.strip()}"
+        other = _donor_text(donor, kind)
+        new = f"{text.rstrip()} {other.strip()}" if kind == "extend" else other
     else:
         new = {"truncate": _truncate, "repeat": _repeat, "shuffle": _shuffle}.get(
             kind, _char_noise

@@ -80,6 +80,33 @@ def test_extend_runs_the_answer_on_with_another_rows_answer():
         assert len(_answer(neg)) > len(_answer(src).rstrip())
 
 
+def test_prompt_answers_with_the_donors_last_user_turn():
+    """Guards against a `prompt` copy that takes the donor's answer or system turn, or
+    touches the row's own prompt: its answer is the donor's user turn, fluent and no answer."""
+    row = {
+        "sample_id": "r1",
+        "source": "s",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Capital of Peru?"},
+            {"role": "assistant", "content": "Lima."},
+        ],
+    }
+    donor = {
+        "sample_id": "r2",
+        "source": "s",
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Sort 3 1 2."},
+            {"role": "assistant", "content": "1 2 3"},
+        ],
+    }
+    got = corrupt(row, "prompt", random.Random(0), donor)
+    assert got["sample_id"] == "r1~prompt" and got["messages"][:2] == row["messages"][:2]
+    assert got["messages"][2] == {"role": "assistant", "content": "Sort 3 1 2."}
+
+
 def test_contrast_loss_is_bce_of_the_scored_gate():
     """Guards against the contrast loss pooling gates differently from the score stage."""
     gates = torch.tensor([[[0.9, 0.8, 0.1]], [[0.2, 0.3, 0.9]]])  # (B=2, L=1, T=3)
