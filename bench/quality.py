@@ -1072,6 +1072,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="main corpus and model seed")
     ap.add_argument("--families", nargs="+", default=list(MAIN_FAMILIES))
     ap.add_argument("--gen-seed", type=int, default=1, help="generalisation corpus seed")
+    ap.add_argument(
+        "--warmup-seed",
+        type=int,
+        help="the gates' warmup seed on every corpus (default: that corpus's seed); what a"
+        " second warmup on the same corpus and scores says about the warmup's own variance",
+    )
     ap.add_argument("--gen-families", nargs="+", default=list(GEN_FAMILIES))
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.3])
     ap.add_argument("--steps", type=int, help="warmup steps (default 300; --tiny 4)")
@@ -1271,7 +1277,7 @@ def run(args, argv, st: Settings, downstream: bool, budgets: list[float]) -> int
                 os.path.join(cdir, cname),
                 st,
                 budgets,
-                seed,
+                seed if args.warmup_seed is None else args.warmup_seed,
                 targets,
                 measure_only=args.measure_only,
             )
