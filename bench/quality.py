@@ -183,6 +183,16 @@ METHODS = (
             "diversity": False,
         },
     ),
+    Method(
+        "worst_rank(contrast gate,ppl,ifd) src&pool",
+        "probe_contrast",
+        {
+            "method": "worst_rank",
+            "signals": GATE_PPL_IFD,
+            "calibration": "both",
+            "diversity": False,
+        },
+    ),
     # the gate head: a logistic read-out of the contrast gates' layers, fitted on the
     # warmup's head negatives (qgate/gate_head.py) instead of DESIGN.md's equal weights
     Method(
@@ -284,6 +294,11 @@ METHODS = (
         "worst_rank(ppl,ifd) src",
         "probe_linear",
         {"method": "worst_rank", "signals": PPL_IFD, "calibration": "source", "diversity": False},
+    ),
+    Method(
+        "worst_rank(ppl,ifd) src&pool",
+        "probe_linear",
+        {"method": "worst_rank", "signals": PPL_IFD, "calibration": "both", "diversity": False},
     ),
     Method(
         "worst_rank(ppl,ifd) src +div",
@@ -621,6 +636,7 @@ DEDUP_METHODS = (
     "ifd",
     "worst_rank(ppl,ifd) src",
     "worst_rank(contrast gate,ppl,ifd) src",
+    "worst_rank(contrast gate,ppl,ifd) src&pool",
     "worst_rank(gate head,ifd) src",
 )
 """The methods whose selections are measured with and without dedup."""

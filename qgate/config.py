@@ -407,11 +407,13 @@ class SelectConfig:
     bench/quality.py (BENCHMARKS.md, "Selection quality"); every other method stays selectable."""
     signals: list[str] = field(default_factory=lambda: ["perplexity", "ifd"])
     """Signals joined by worst_rank / rank_mean (gate, perplexity, ifd, length)."""
-    calibration: Literal["pool", "source"] = "source"
+    calibration: Literal["pool", "source", "both"] = "source"
     """worst_rank / rank_mean: rank each signal within the whole pool, or within the sample's
-    own source (perplexity and IFD levels differ by task and source)."""
+    own source (perplexity and IFD levels differ by task and source), or ``both``: the lower
+    of the two, so a row must rank well in its source and in the pool (a source does not get
+    its share of the budget whatever its rows are worth)."""
     calibration_min_rows: int = 200
-    """calibration=source: sources with fewer rows are ranked against the whole pool."""
+    """calibration=source/both: sources with fewer rows are ranked against the whole pool."""
     budget_ratio: float = 0.3
     budget_count: int | None = None
     """Rows to select; wins over budget_ratio."""

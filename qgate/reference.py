@@ -37,7 +37,7 @@ class Reference:
     """Per signal, the pool's percentile table."""
     calibration: str | None = None
     quantiles_by_source: dict | None = None
-    """With calibration 'source': per source, per signal, its own percentile table."""
+    """With calibration 'source' or 'both': per source, per signal, its own percentile table."""
     ppl_band: dict | None = None
     diversity: bool = False
     features: str | None = None

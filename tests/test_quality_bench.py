@@ -164,3 +164,40 @@ def test_source_calibration_ranks_each_signal_within_its_source(tmp_path):
     bare = [{k: v for k, v in by_id[i].items() if k != "source"} for i in t["sample_id"]]
     want = decide(pool.reference, bare)
     assert [g["score"] for g in decide(ref, bare)] == [g["score"] for g in want]
+
+
+def test_both_calibration_takes_the_lower_of_source_and_pool_percentiles(tmp_path):
+    """Guards against calibration=both using only one of its two rankings (then a source
+    whose rows all rank low in the pool would still get its share of the budget), and
+    against decide() ranking new samples differently from the pool selection."""
+    import numpy as np
+
+    from qgate.config import SelectConfig
+    from qgate.reference import Reference
+    from qgate.selection import compute_selection, decide
+
+    scores, rows = _two_source_scores(tmp_path)
+    kw = dict(scores=scores, method="worst_rank", signals=["perplexity", "ifd"], diversity=False)
+    kw |= dict(calibration_min_rows=100)
+    pool = compute_selection(SelectConfig(**kw, calibration="pool")).table.to_pydict()
+    src = compute_selection(SelectConfig(**kw, calibration="source")).table.to_pydict()
+    both = compute_selection(SelectConfig(**kw, calibration="both"))
+    t = both.table.to_pydict()
+    assert t["sample_id"] == pool["sample_id"] == src["sample_id"]
+    for s in ("perplexity", "ifd"):
+        want = np.minimum(pool[f"pct_{s}"], src[f"pct_{s}"])
+        assert np.allclose(t[f"pct_{s}"], want)
+    assert np.allclose(t["score"], np.minimum(t["pct_perplexity"], t["pct_ifd"]))
+    # the 'hard' source ranks low pool-wide, so it no longer gets half of the budget (as with
+    # calibration=source), nor as little as pool-wide ranks alone give it
+
+    def hard_share(tab):
+        return np.mean([s == "hard" for s, x in zip(tab["source"], tab["selected"]) if x])
+
+    assert hard_share(pool) < hard_share(t) < 0.4 < hard_share(src)
+
+    ref = Reference.from_dict(json.loads(both.reference.to_json()))
+    by_id = {r["sample_id"]: r for r in rows}
+    got = decide(ref, [by_id[i] for i in t["sample_id"]])
+    assert [g["score"] for g in got] == t["score"]
+    assert [g["selected"] for g in got] == t["selected"]
