@@ -83,25 +83,19 @@ def test_extend_runs_the_answer_on_with_another_rows_answer():
 def test_prompt_answers_with_the_donors_last_user_turn():
     """Guards against a `prompt` copy that takes the donor's answer or system turn, or
     touches the row's own prompt: its answer is the donor's user turn, fluent and no answer."""
-    row = {
-        "sample_id": "r1",
-        "source": "s",
-        "messages": [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "Capital of Peru?"},
-            {"role": "assistant", "content": "Lima."},
-        ],
-    }
-    donor = {
-        "sample_id": "r2",
-        "source": "s",
-        "messages": [
-            {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello."},
-            {"role": "user", "content": "Sort 3 1 2."},
-            {"role": "assistant", "content": "1 2 3"},
-        ],
-    }
+
+    def make(sample_id: str, *turns: tuple[str, str]) -> dict:
+        messages = [{"role": role, "content": text} for role, text in turns]
+        return {"sample_id": sample_id, "source": "s", "messages": messages}
+
+    row = make("r1", ("system", "Be brief."), ("user", "Capital of Peru?"), ("assistant", "Lima."))
+    donor = make(
+        "r2",
+        ("user", "Hi"),
+        ("assistant", "Hello."),
+        ("user", "Sort 3 1 2."),
+        ("assistant", "1 2 3"),
+    )
     got = corrupt(row, "prompt", random.Random(0), donor)
     assert got["sample_id"] == "r1~prompt" and got["messages"][:2] == row["messages"][:2]
     assert got["messages"][2] == {"role": "assistant", "content": "Sort 3 1 2."}
