@@ -92,8 +92,9 @@ def _char_noise(text: str, rng: random.Random) -> str:
 def corrupt(row: dict, kind: str, rng: random.Random, donor: dict | None = None) -> dict:
     """A corrupted copy of a canonical row (only its last assistant turn changes).
 
-    ``donor`` is the row whose answer ``swap`` and ``extend`` take (``prompt``: its user turn). The copy's sample_id
-    records where it came from (``<id>~<kind>``), so negatives never collide with real rows.
+    ``donor`` is the row whose answer ``swap`` and ``extend`` take (``prompt``: its user
+    turn). The copy's sample_id records where it came from (``<id>~<kind>``), so negatives
+    never collide with real rows.
     """
     if kind not in CORRUPTIONS:
         raise ValueError(f"corruption must be one of {CORRUPTIONS}, got {kind!r}")
