@@ -16,8 +16,9 @@ every kind gives each row's per-layer MLP input (what a gate reads), averaged ov
 tokens (``mean``) and at its last answer token (``last``, which has attended to the prompt
 and the whole answer: a read-out of the row, as a reward model's). Then, per candidate set
 of corruptions, per-layer logistic probes (the gate's own form: one linear unit per layer, on
-the layer's input) are fitted to tell pool rows from those copies, with 2-fold cross-fitting over source rows so no row is scored by a probe that
-saw it, and their layer-mean decision value ranks the pool. The report is AUROC clean vs
+the layer's input) are fitted to tell pool rows from those copies, with 2-fold cross-fitting
+over source rows so no row is scored by a probe that saw it, and their layer-mean decision
+value ranks the pool. The report is AUROC clean vs
 noisy for every noise kind of the synthetic generator, with the kinds no corruption of the
 set builds marked: what the gate learns beyond its own negatives.
 
