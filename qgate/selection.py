@@ -238,7 +238,35 @@ def _pick(cfg, score, cluster, sources, budget: int, n_cand: int, warn) -> tuple
     sel, rank = round_robin_rows(score, cluster, budget, codes, caps)
     if sel.size < min(budget, n_cand):
         warn(f"source quotas left the selection at {sel.size} rows, below the budget {budget}")
+    _warn_thin_sources(sources, np.isfinite(score), sel, warn)
     return sel, rank
+
+
+THIN_SOURCE = 0.25
+"""A source whose share of the selection falls below this fraction of its share of the
+candidates is named in a warning (only sources of at least 1% of the candidates)."""
+
+
+def _warn_thin_sources(sources, candidate, sel, warn) -> None:
+    """Warn when the selection all but drops some sources. Pool-wide ranking (calibration
+    ``pool`` or ``both``) can empty a whole task family whose rows are just harder (higher
+    perplexity), not worse; a user should see that and choose (``calibration: source`` or
+    ``source_quotas``)."""
+    names, codes = np.unique(sources.astype(str), return_inverse=True)
+    if names.size < 2 or sel.size == 0:
+        return
+    pool = np.bincount(codes[candidate], minlength=names.size) / max(candidate.sum(), 1)
+    taken = np.bincount(codes[sel], minlength=names.size) / sel.size
+    thin = [
+        i for i in np.argsort(pool)[::-1] if pool[i] >= 0.01 and taken[i] < THIN_SOURCE * pool[i]
+    ]
+    if thin:
+        shares = ", ".join(f"{names[i]} {taken[i]:.1%} (pool {pool[i]:.1%})" for i in thin[:8])
+        warn(
+            f"the selection keeps little of {len(thin)} source(s), share of the selection"
+            f" against the candidates: {shares}. If they are harder rather than worse,"
+            " calibration: source gives every source its share of the budget"
+        )
 
 
 def _record_outcome(ref, manifest, sources, score, cluster, sel, budget: int, n_cand: int) -> None:

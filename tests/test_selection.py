@@ -558,3 +558,19 @@ def test_reference_round_trip_and_refusals(tmp_path):
         Reference.from_dict(d | {"version": 2})
     with pytest.raises(sel.SelectionError, match=r"unknown reference fields \['cutof'\]"):
         Reference.from_dict(d | {"cutof": {}})
+
+
+def test_a_selection_that_all_but_drops_a_source_is_warned_about():
+    """Guards against pool-wide ranking silently emptying a task family: a source whose
+    share of the selection falls below a quarter of its share of the pool is named."""
+    sources = np.asarray(["a"] * 400 + ["b"] * 400 + ["hard"] * 200, dtype=object)
+    candidate = np.ones(sources.size, dtype=bool)
+    said: list[str] = []
+    few_hard = np.r_[np.arange(0, 150), np.arange(400, 550), [800, 801]]  # 2 of 302 are 'hard'
+    sel._warn_thin_sources(sources, candidate, few_hard, said.append)
+    assert len(said) == 1
+    assert "1 source(s)" in said[0] and "hard 0.7% (pool 20.0%)" in said[0]
+    assert said[0].count("(pool ") == 1  # a and b kept their shares
+    even = np.r_[np.arange(0, 120), np.arange(400, 520), np.arange(800, 860)]
+    sel._warn_thin_sources(sources, candidate, even, said.append)
+    assert len(said) == 1  # a proportional selection says nothing
