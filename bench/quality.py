@@ -128,6 +128,9 @@ class Method:
 
 GATE_PPL_IFD = ["gate", "perplexity", "ifd"]
 PPL_IFD = ["perplexity", "ifd"]
+IFD_BOTH = {"ifd": "both"}
+"""Per-signal calibration: IFD within its source and the pool, the other signals within the
+source."""
 METHODS = (
     # baselines
     Method("random", "probe_linear", {"method": "random"}),
@@ -190,6 +193,18 @@ METHODS = (
             "method": "worst_rank",
             "signals": GATE_PPL_IFD,
             "calibration": "both",
+            "diversity": False,
+        },
+    ),
+    # only IFD, a ratio of two perplexities of the same answer, also ranked pool-wide: its
+    # level means the same in every task, while perplexity's and the gate's follow the task
+    Method(
+        "worst_rank(contrast gate,ppl,ifd) ifd src&pool",
+        "probe_contrast",
+        {
+            "method": "worst_rank",
+            "signals": GATE_PPL_IFD,
+            "calibration": IFD_BOTH,
             "diversity": False,
         },
     ),
@@ -299,6 +314,11 @@ METHODS = (
         "worst_rank(ppl,ifd) src&pool",
         "probe_linear",
         {"method": "worst_rank", "signals": PPL_IFD, "calibration": "both", "diversity": False},
+    ),
+    Method(
+        "worst_rank(ppl,ifd) ifd src&pool",
+        "probe_linear",
+        {"method": "worst_rank", "signals": PPL_IFD, "calibration": IFD_BOTH, "diversity": False},
     ),
     Method(
         "worst_rank(ppl,ifd) src +div",

@@ -373,6 +373,19 @@ class ScoreConfig:
         )
 
 
+Calibration = Literal["pool", "source", "both"]
+SIGNALS = ("gate", "perplexity", "ifd", "length")
+"""What worst_rank and rank_mean can join."""
+
+
+def calibration_of(calibration: str | dict | None, signal: str) -> str:
+    """The calibration one signal is ranked with: ``calibration`` itself, or its entry for
+    ``signal`` when it is a per-signal mapping (``source`` for signals it does not name)."""
+    if isinstance(calibration, dict):
+        return calibration.get(signal, "source")
+    return calibration or "pool"
+
+
 SELECT_METHODS = (
     "quality_gate",
     "perplexity",
@@ -407,11 +420,12 @@ class SelectConfig:
     bench/quality.py (BENCHMARKS.md, "Selection quality"); every other method stays selectable."""
     signals: list[str] = field(default_factory=lambda: ["perplexity", "ifd"])
     """Signals joined by worst_rank / rank_mean (gate, perplexity, ifd, length)."""
-    calibration: Literal["pool", "source", "both"] = "source"
+    calibration: Calibration | dict[str, Calibration] = "source"
     """worst_rank / rank_mean: rank each signal within the whole pool, or within the sample's
     own source (perplexity and IFD levels differ by task and source), or ``both``: the lower
     of the two, so a row must rank well in its source and in the pool (a source does not get
-    its share of the budget whatever its rows are worth)."""
+    its share of the budget whatever its rows are worth). A mapping sets it per signal, e.g.
+    ``{ifd: both}``; signals it does not name use ``source``."""
     calibration_min_rows: int = 200
     """calibration=source/both: sources with fewer rows are ranked against the whole pool."""
     budget_ratio: float = 0.3
@@ -447,9 +461,15 @@ class SelectConfig:
         _check(self.k is None or self.k >= 1, "k", "must be >= 1")
         _check(self.calibration_min_rows >= 1, "calibration_min_rows", "must be >= 1")
         _check(2 <= self.k_min <= self.k_max, "k_min", "need 2 <= k_min <= k_max")
-        known = {"gate", "perplexity", "ifd", "length"}
-        bad = [s for s in self.signals if s not in known]
-        _check(not bad, "signals", f"unknown {bad}; choose from {sorted(known)}")
+        bad = [s for s in self.signals if s not in SIGNALS]
+        _check(not bad, "signals", f"unknown {bad}; choose from {sorted(SIGNALS)}")
+        if isinstance(self.calibration, dict):
+            bad = sorted(set(self.calibration) - set(SIGNALS))
+            _check(not bad, "calibration", f"unknown signal(s) {bad}; choose from {SIGNALS}")
+
+    def calibrates_by_source(self) -> bool:
+        """Whether any signal is ranked within its source (per-source tables are needed)."""
+        return any(calibration_of(self.calibration, s) != "pool" for s in self.signals)
         if self.ppl_band is not None:
             lo_hi = self.ppl_band
             ok = len(lo_hi) == 2 and 0 <= lo_hi[0] < lo_hi[1] <= 1

@@ -25,7 +25,9 @@ def _parse_scalar(text: str):
 
 
 def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
 
 
 def _coerce(value, tp, key: str):

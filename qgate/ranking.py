@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from qgate.config import calibration_of
 from qgate.scores import SelectionError
 
 if TYPE_CHECKING:
@@ -209,18 +210,20 @@ def source_quantile_tables(
 
 def signal_percentiles(name: str, cols: dict, reference: Reference) -> np.ndarray:
     """Percentile of signal ``name`` for each row: within the row's own source when the
-    reference holds that source's table (calibration 'source'), else within the whole pool;
-    with calibration 'both', the lower of the two."""
+    reference holds that source's table (the signal's calibration 'source'), else within the
+    whole pool; with calibration 'both', the lower of the two."""
     values = signal_values(name, cols)
     pool = percentiles(values, reference.quantiles[name])
-    out = pool.copy()
+    mode = calibration_of(reference.calibration, name)
     by_source = reference.quantiles_by_source
-    if by_source:
-        for source, idx in _source_groups(cols["source"]):
-            tables = by_source.get(source)
-            if tables is not None:
-                out[idx] = percentiles(values[idx], tables[name])
-    return np.fmin(out, pool) if reference.calibration == "both" else out
+    if mode == "pool" or not by_source:
+        return pool
+    out = pool.copy()
+    for source, idx in _source_groups(cols["source"]):
+        tables = by_source.get(source)
+        if tables is not None:
+            out[idx] = percentiles(values[idx], tables[name])
+    return np.fmin(out, pool) if mode == "both" else out
 
 
 def method_scores(cols: dict, reference: Reference) -> tuple[np.ndarray, dict[str, np.ndarray]]:

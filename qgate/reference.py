@@ -35,9 +35,11 @@ class Reference:
     seed: int
     quantiles: dict = field(default_factory=dict)
     """Per signal, the pool's percentile table."""
-    calibration: str | None = None
+    calibration: str | dict | None = None
+    """SelectConfig.calibration: one for every signal, or per signal."""
     quantiles_by_source: dict | None = None
-    """With calibration 'source' or 'both': per source, per signal, its own percentile table."""
+    """With calibration 'source' or 'both' (for any signal): per source, per signal, its own
+    percentile table."""
     ppl_band: dict | None = None
     diversity: bool = False
     features: str | None = None

@@ -196,7 +196,7 @@ def _pool_tables(cfg: SelectConfig, cols: dict, ref: Reference, signals: list[st
     method = cfg.method
     if method in COMBINED_METHODS:
         ref.quantiles = {s: quantile_table(signal_values(s, cols), s) for s in signals}
-        if cfg.calibration in ("source", "both"):
+        if cfg.calibrates_by_source():
             ref.quantiles_by_source = source_quantile_tables(
                 cols, signals, cfg.calibration_min_rows
             )
@@ -472,9 +472,10 @@ def decide(reference: Reference, samples: Sequence[dict]) -> list[dict]:
     ``samples`` are per-sample stats dicts with keys nll, gate (list of L floats), embedding
     (list of D floats), ifd (or None), n_loss_tokens (and sample_id for method random); only
     the keys the reference's method and features need are required. With a reference whose
-    calibration is 'source' or 'both', a sample's optional ``source`` picks the percentile tables of
-    that source; a sample without one, or from a source the pool had too few rows of, is
-    ranked against the whole pool (as the pool's own rows of such sources were). Returns, per sample,
+    calibration is 'source' or 'both' (for any signal), a sample's optional ``source`` picks the
+    percentile tables of that source; a sample without one, or from a source the pool had too
+    few rows of, is ranked against the whole pool (as the pool's own rows of such sources
+    were). Returns, per sample,
     ``{q, score, cluster, selected, margin}``: selected means score >= the cutoff of the
     sample's cluster (the global cutoff without diversity); margin = score - cutoff.
 

@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -201,3 +203,37 @@ def test_both_calibration_takes_the_lower_of_source_and_pool_percentiles(tmp_pat
     got = decide(ref, [by_id[i] for i in t["sample_id"]])
     assert [g["score"] for g in got] == t["score"]
     assert [g["selected"] for g in got] == t["selected"]
+
+
+def test_calibration_per_signal_ranks_each_signal_its_own_way(tmp_path):
+    """Guards against a per-signal calibration mapping being applied to the wrong signal,
+    to every signal, or to none (signals it does not name rank within their source), and
+    against decide() disagreeing with the pool selection for such a reference."""
+    import numpy as np
+
+    from qgate.config import ConfigError, SelectConfig
+    from qgate.reference import Reference
+    from qgate.selection import compute_selection, decide
+
+    scores, rows = _two_source_scores(tmp_path)
+    kw = dict(scores=scores, method="worst_rank", signals=["perplexity", "ifd"], diversity=False)
+    kw |= dict(calibration_min_rows=100)
+    src = compute_selection(SelectConfig(**kw, calibration="source")).table.to_pydict()
+    both = compute_selection(SelectConfig(**kw, calibration="both")).table.to_pydict()
+    mixed = compute_selection(SelectConfig(**kw, calibration={"ifd": "both"}))
+    t = mixed.table.to_pydict()
+    assert np.allclose(t["pct_perplexity"], src["pct_perplexity"])  # unnamed: within source
+    assert not np.allclose(t["pct_perplexity"], both["pct_perplexity"])
+    assert np.allclose(t["pct_ifd"], both["pct_ifd"])
+    pool = compute_selection(SelectConfig(**kw, calibration={"perplexity": "pool"}))
+    p = pool.table.to_pydict()
+    assert np.allclose(p["pct_ifd"], src["pct_ifd"])
+    assert not np.allclose(p["pct_perplexity"], src["pct_perplexity"])  # pool-wide ranks
+
+    ref = Reference.from_dict(json.loads(mixed.reference.to_json()))
+    assert ref.calibration == {"ifd": "both"}
+    by_id = {r["sample_id"]: r for r in rows}
+    got = decide(ref, [by_id[i] for i in t["sample_id"]])
+    assert [g["score"] for g in got] == t["score"]
+    with pytest.raises(ConfigError, match="unknown signal"):
+        SelectConfig(**kw, calibration={"ppl": "both"})
