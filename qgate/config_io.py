@@ -25,6 +25,18 @@ def _parse_scalar(text: str):
 
 
 def _type_name(tp) -> str:
+    """A type annotation as a config error names it: ``int or None``, ``one of 'a', 'b'``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is dict:
+        return f"a mapping of {_type_name(args[0])} to {_type_name(args[1])}"
+    if origin is list:
+        return f"a list of {_type_name(args[0])}"
+    if tp is type(None):
+        return "None"
     if isinstance(tp, type):
         return tp.__name__
     return str(tp).replace("typing.", "")

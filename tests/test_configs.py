@@ -78,3 +78,19 @@ def test_ray_version_pinned_everywhere():
         text = open(path).read()  # noqa: SIM115
         versions = set(re.findall(r"ray[:=\[][^\s\"']*?(2\.\d+\.\d+)", text))
         assert versions <= {pinned}, f"{path} names Ray {versions}, project pins {pinned}"
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("calibration={ifd: bth}", "expected one of 'pool', 'source', 'both' or a mapping of str"),
+        ("budget_count=abc", "budget_count: expected int or None, got 'abc'"),
+        ("ppl_band=x", "ppl_band: expected a list of float or None"),
+    ],
+)
+def test_a_wrong_type_names_the_key_and_what_it_takes(override, says):
+    """Guards against type errors that print the annotation's internals (Union[...])
+    instead of what the key accepts."""
+    with pytest.raises(C.ConfigError) as e:
+        load_config(C.SelectConfig, None, [override])
+    assert says in str(e.value)
