@@ -466,16 +466,16 @@ class SelectConfig:
         if isinstance(self.calibration, dict):
             bad = sorted(set(self.calibration) - set(SIGNALS))
             _check(not bad, "calibration", f"unknown signal(s) {bad}; choose from {SIGNALS}")
-
-    def calibrates_by_source(self) -> bool:
-        """Whether any signal is ranked within its source (per-source tables are needed)."""
-        return any(calibration_of(self.calibration, s) != "pool" for s in self.signals)
         if self.ppl_band is not None:
             lo_hi = self.ppl_band
             ok = len(lo_hi) == 2 and 0 <= lo_hi[0] < lo_hi[1] <= 1
             _check(ok, "ppl_band", "must be [lo, hi] with 0 <= lo < hi <= 1")
         for src, share in (self.source_quotas or {}).items():
             _check(0 < share <= 1, f"source_quotas.{src}", "must be in (0, 1]")
+
+    def calibrates_by_source(self) -> bool:
+        """Whether any signal is ranked within its source (per-source tables are needed)."""
+        return any(calibration_of(self.calibration, s) != "pool" for s in self.signals)
 
     @property
     def use_diversity(self) -> bool:

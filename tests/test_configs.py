@@ -94,3 +94,19 @@ def test_a_wrong_type_names_the_key_and_what_it_takes(override, says):
     with pytest.raises(C.ConfigError) as e:
         load_config(C.SelectConfig, None, [override])
     assert says in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "kw, key",
+    [
+        ({"ppl_band": [0.9, 0.1]}, "ppl_band"),
+        ({"source_quotas": {"web": 2.0}}, "source_quotas.web"),
+        ({"calibration": {"ppl": "both"}}, "calibration"),
+        ({"signals": ["gate", "loss"]}, "signals"),
+    ],
+)
+def test_select_config_checks_every_value(kw, key):
+    """Guards against a SelectConfig check that no longer runs (a bad band, quota, signal or
+    calibration must fail before anything is read)."""
+    with pytest.raises(C.ConfigError, match=key):
+        C.SelectConfig(**kw)
