@@ -15,13 +15,15 @@ Everything runs through the real stages, in one embedded Ray session:
 4. per method and budget: ``qgate.selection.compute_selection``; the noise labels are read
    only here, by ``qgate.report.label_metrics`` (AUROC clean vs noisy, noise shares).
 
-Downstream (main corpus, realistic base, the largest budget): the stand-in is LoRA-finetuned
+Downstream (the first corpus run, realistic or real base, the largest budget): the stand-in is LoRA-finetuned
 (``qgate.finetune.run``) on the selections of the best methods, of random, and on the full pool,
 with the same number of steps, and scored by exact match on the test split with the lm-eval
 local task (``qgate.evaluation.evaluate``), once per ``--seeds`` entry.
 
 Generalisation: steps 1-4 again on a corpus with another seed and another family mix (and
-other target families), which no setting here was tuned on.
+other target families), which no setting here was tuned on (B). With ``--corpora C`` and
+``--base-model``, also on corpus C (bench/heldout_corpus.py): other families, other sources
+and six other noise kinds, none of which qgate.synthetic or the contrast negatives make.
 
 Writes OUT/quality.md (the table), OUT/quality.json (every number) and prints the table.
 Stage outputs live under OUT as well; the bench never reuses them (a re-run starts clean).
@@ -69,6 +71,19 @@ NOISE_ORDER = (
     "refusal",
 )
 NOISE_SHORT = ("gib", "wrong", "trunc", "copied", "rep", "dup", "refus")
+SHORT = dict(zip(NOISE_ORDER, NOISE_SHORT, strict=True))
+
+
+def noise_kinds(labels: dict) -> list[str]:
+    """The noise kinds a corpus's labels hold: qgate.synthetic's in NOISE_ORDER, then any
+    other kind (e.g. corpus C's) by name."""
+    present = {v for v in labels.values() if v and v != "clean"}
+    return [t for t in NOISE_ORDER if t in present] + sorted(present - set(NOISE_ORDER))
+
+
+def _union_kinds(kind_lists) -> list[str]:
+    """Every kind of several corpora, in noise_kinds' order (one table's columns)."""
+    return noise_kinds({t: t for kinds in kind_lists for t in kinds})
 
 
 @dataclass(frozen=True)
@@ -556,7 +571,7 @@ def select_and_measure(
         row["auroc"], row["auroc_by_type"] = m["auroc"], m["auroc_by_type"]
         row["budgets"][str(b)] = {
             "noise_share": m["noise_share_selected"],
-            "type_share": {t: m["selected_share"].get(t, 0.0) for t in NOISE_ORDER},
+            "type_share": {t: m["selected_share"].get(t, 0.0) for t in noise_kinds(labels)},
             "target_family_share": target_share(result.table, family, targets),
             "selected": int(result.order.size),
             "k": result.reference.k,
@@ -616,7 +631,7 @@ def run_condition(
             print(f"[{name}] {g}: warmup {r['warmup_s']:.1f}s score {r['score_s']:.1f}s")
     labels = read_labels([corpus["pool"]], "noise")
     family = read_labels([corpus["pool"]], "family")
-    pool_share = {t: 0.0 for t in NOISE_ORDER}
+    pool_share = {t: 0.0 for t in noise_kinds(labels)}
     for lab in labels.values():
         if lab in pool_share:
             pool_share[lab] += 1 / len(labels)
@@ -642,6 +657,7 @@ def run_condition(
         "base": base,
         "runs": runs,
         "rows": rows,
+        "noise_kinds": noise_kinds(labels),
         "pool_noise_share": sum(pool_share.values()),
         "pool_type_share": pool_share,
         "pool_target_family_share": pool_targets,
@@ -710,7 +726,7 @@ def dedup_effect(cond: dict, corpus: dict, out: str, budget: float) -> dict:
             lm = label_metrics(compute_selection(cfg).table, labels)
             per[variant] = {
                 "noise_share": lm["noise_share_selected"],
-                "type_share": {t: lm["selected_share"].get(t, 0.0) for t in NOISE_ORDER},
+                "type_share": {t: lm["selected_share"].get(t, 0.0) for t in noise_kinds(labels)},
             }
         result["methods"][name] = per
     return result
@@ -718,14 +734,17 @@ def dedup_effect(cond: dict, corpus: dict, out: str, budget: float) -> dict:
 
 def dedup_table(results: list[dict]) -> str:
     """Noise share of each method's selection without and with dedup, per kind with it."""
+    kinds = _union_kinds(
+        per["with"]["type_share"] for res in results for per in res["methods"].values()
+    )
     head = ["condition", "method", "noise without dedup", "noise with dedup"]
-    head += [f"{t} (with)" for t in NOISE_ORDER]
+    head += [f"{t} (with)" for t in kinds]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for res in results:
         for name, per in res["methods"].items():
             cells = [res["condition"], name, _pct(per["without"]["noise_share"])]
             cells.append(_pct(per["with"]["noise_share"]))
-            cells += [_pct(per["with"]["type_share"][t]) for t in NOISE_ORDER]
+            cells += [_pct(per["with"]["type_share"].get(t)) for t in kinds]
             lines.append("| " + " | ".join(cells) + " |")
     notes = [
         f"{r['condition']}: dedup removed {sum(r['removed'].values())} rows {r['removed']}"
@@ -1025,8 +1044,10 @@ def _pct(v) -> str:
 
 def selection_table(conditions: list[dict], budgets: list[float]) -> str:
     """The one markdown table: every condition and method."""
-    types = " / ".join(NOISE_SHORT)
-    head = ["condition", "method", "AUROC", *[f"AUROC {s}" for s in NOISE_SHORT]]
+    kinds = _union_kinds(cond["pool_type_share"] for cond in conditions)
+    short = [SHORT.get(t, t) for t in kinds]
+    types = " / ".join(short)
+    head = ["condition", "method", "AUROC", *[f"AUROC {s}" for s in short]]
     for b in budgets:
         head += [f"noise @{b:g}", f"by type @{b:g} ({types}), %"]
     head += [f"target fam @{budgets[-1]:g}", "warmup s", "score s", "select s"]
@@ -1034,10 +1055,10 @@ def selection_table(conditions: list[dict], budgets: list[float]) -> str:
     for cond in conditions:
         lines.append(
             f"| {cond['condition']} | *pool* | – |"
-            + " – |" * len(NOISE_SHORT)
+            + " – |" * len(kinds)
             + "".join(
                 f" {_pct(cond['pool_noise_share'])} | "
-                + " ".join(_pct(cond["pool_type_share"][t]) for t in NOISE_ORDER)
+                + " ".join(_pct(cond["pool_type_share"].get(t)) for t in kinds)
                 + " |"
                 for _ in budgets
             )
@@ -1045,11 +1066,11 @@ def selection_table(conditions: list[dict], budgets: list[float]) -> str:
         )
         for r in cond["rows"]:
             cells = [cond["condition"], r["method"], _f(r["auroc"])]
-            cells += [_f(r["auroc_by_type"].get(t)) for t in NOISE_ORDER]
+            cells += [_f(r["auroc_by_type"].get(t)) for t in kinds]
             for b in budgets:
                 bb = r["budgets"][str(b)]
                 cells.append(_pct(bb["noise_share"]))
-                cells.append(" ".join(_pct(bb["type_share"][t]) for t in NOISE_ORDER))
+                cells.append(" ".join(_pct(bb["type_share"].get(t)) for t in kinds))
             top = r["budgets"][str(budgets[-1])]
             cells.append(_pct(top["target_family_share"]))
             cells += [_f(r["warmup_s"], "{:.0f}"), _f(r["score_s"], "{:.0f}")]
@@ -1125,10 +1146,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--corpora",
         nargs="+",
-        choices=["A", "B"],
+        choices=["A", "B", "C"],
         default=["A", "B"],
-        help="which corpora to run (A: --seed/--families, B: --gen-seed/--gen-families)",
+        help="which corpora to run (A: --seed/--families, B: --gen-seed/--gen-families, C:"
+        " bench/heldout_corpus.py with --heldout-seed; C needs --base-model)",
     )
+    ap.add_argument("--heldout-seed", type=int, default=2, help="corpus C's seed")
     ap.add_argument(
         "--measure-only",
         action="store_true",
@@ -1257,6 +1280,7 @@ def run_downstream_only(args, argv, st: Settings, budget: float) -> int:
 
 def run(args, argv, st: Settings, downstream: bool, budgets: list[float]) -> int:
     """The bench proper (main sets up Ray and threads)."""
+    from bench.heldout_corpus import HELDOUT_FAMILIES, generate_heldout
     from qgate.synthetic import SPLITS, generate_corpus
 
     command = "python bench/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
@@ -1269,7 +1293,11 @@ def run(args, argv, st: Settings, downstream: bool, budgets: list[float]) -> int
     if st.generalisation:
         corpora.append(("B", args.gen_seed, args.gen_families))
     corpora = [c for c in corpora if c[0] in args.corpora]
-    conditions, downstream_result, corpus_info, dedups = [], None, {}, []
+    if "C" in args.corpora:
+        if not args.base_model:
+            raise SystemExit("--corpora C needs --base-model (corpus C has no pretrain split)")
+        corpora.append(("C", args.heldout_seed, HELDOUT_FAMILIES))
+    conditions, downstream_result, corpus_info, dedups, main = [], None, {}, [], None
     for tag, seed, families in corpora:
         cdir = os.path.join(args.out, f"corpus_{tag}")
         if args.measure_only:  # the earlier run's corpus, as it wrote it
@@ -1278,14 +1306,14 @@ def run(args, argv, st: Settings, downstream: bool, budgets: list[float]) -> int
             shutil.rmtree(cdir, ignore_errors=True)
             corpus = clock.run(
                 f"corpus {tag}",
-                generate_corpus,
+                generate_heldout if tag == "C" else generate_corpus,
                 os.path.join(cdir, "data"),
                 seed=seed,
                 n_pool=st.n_pool,
                 n_target=st.n_target,
                 n_test=st.n_test,
-                n_pretrain=st.n_pretrain,
                 families=families,
+                **({} if tag == "C" else {"n_pretrain": st.n_pretrain}),
             )
         targets = set(families[:3])
         corpus_info[tag] = {"seed": seed, "families": list(families), "targets": sorted(targets)}
@@ -1329,9 +1357,10 @@ def run(args, argv, st: Settings, downstream: bool, budgets: list[float]) -> int
                         budgets[-1],
                     )
                 )
-            if tag == "A" and cname in ("realistic", "real"):
-                main_cond, main_corpus, main_dir = cond, corpus, cdir
+            if main is None and cname in ("realistic", "real"):  # the first corpus run
+                main = (cond, corpus, cdir)
     if downstream:  # last: the selection table is complete even if this is cut short
+        main_cond, main_corpus, main_dir = main
         downstream_result = clock.run(
             "downstream",
             run_downstream,
@@ -1341,6 +1370,7 @@ def run(args, argv, st: Settings, downstream: bool, budgets: list[float]) -> int
             st,
             budgets[-1],
             args.seeds,
+            args.downstream_methods,
         )
     wall = time.perf_counter() - t_start
 

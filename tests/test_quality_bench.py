@@ -237,3 +237,42 @@ def test_calibration_per_signal_ranks_each_signal_its_own_way(tmp_path):
     assert [g["score"] for g in got] == t["score"]
     with pytest.raises(ConfigError, match="unknown signal"):
         SelectConfig(**kw, calibration={"ppl": "both"})
+
+
+def test_heldout_corpus_c_is_labelled_unique_and_made_of_its_own_kinds(tmp_path):
+    """Corpus C (bench/heldout_corpus.py) is the bench's check on data no setting was chosen
+    on: its noise kinds and families must be its own, every pool row labelled, prompts unique
+    across splits, test/target clean with the right answer in the assistant turn, and the
+    file the same for the same seed. The table's columns follow the kinds a corpus holds."""
+    _bench()  # puts the repository on sys.path
+    from bench.heldout_corpus import HELDOUT_FAMILIES, HELDOUT_NOISE, generate_heldout
+    from qgate.synthetic import FAMILIES, NOISE_TYPES, read_rows
+
+    assert not set(HELDOUT_NOISE) & set(NOISE_TYPES)
+    assert not set(HELDOUT_FAMILIES) & set(FAMILIES)
+    paths = generate_heldout(str(tmp_path / "a"), n_pool=600, n_test=60, n_target=30)
+    again = generate_heldout(str(tmp_path / "b"), n_pool=600, n_test=60, n_target=30)
+    split_rows = {s: read_rows(p) for s, p in paths.items()}
+    assert split_rows["pool"] == read_rows(again["pool"])
+    pool = split_rows["pool"]
+    kinds = [r["noise"] for r in pool]
+    assert sum(k != "clean" for k in kinds) == 180  # 30% of 600, spread evenly
+    assert {k: kinds.count(k) for k in HELDOUT_NOISE} == dict.fromkeys(HELDOUT_NOISE, 30)
+    prompts = [r["messages"][0]["content"] for rows in split_rows.values() for r in rows]
+    assert len(prompts) == len(set(prompts)) == 690
+    for split in ("test", "target"):
+        for r in split_rows[split]:
+            assert r["noise"] == "clean" and r["messages"][1]["content"] == r["answer"]
+    assert {r["family"] for r in split_rows["target"]} <= set(HELDOUT_FAMILIES[:3])
+    assert len({r["source"] for r in pool}) == 3
+    for r in pool:
+        content = r["messages"][1]["content"]
+        assert (content == r["answer"]) == (r["noise"] == "clean") or r["noise"] == "placeholder"
+    q = _bench()
+    labels = {r["id"]: r["noise"] for r in pool}
+    assert q.noise_kinds(labels) == sorted(HELDOUT_NOISE)
+    assert q.noise_kinds({"a": "refusal", "b": "gibberish", "c": "zzz", "d": "clean"}) == [
+        "gibberish",
+        "refusal",
+        "zzz",
+    ]
