@@ -15,9 +15,9 @@ Everything runs through the real stages, in one embedded Ray session:
 4. per method and budget: ``qgate.selection.compute_selection``; the noise labels are read
    only here, by ``qgate.report.label_metrics`` (AUROC clean vs noisy, noise shares).
 
-Downstream (the first corpus run, realistic or real base, the largest budget): the stand-in is LoRA-finetuned
-(``qgate.finetune.run``) on the selections of the best methods, of random, and on the full pool,
-with the same number of steps, and scored by exact match on the test split with the lm-eval
+Downstream (the first corpus run, realistic or real base, the largest budget): the base is
+LoRA-finetuned (``qgate.finetune.run``) on the selections of the best methods, of random, and
+on the full pool, with the same number of steps, and scored by exact match on the test split with the lm-eval
 local task (``qgate.evaluation.evaluate``), once per ``--seeds`` entry.
 
 Generalisation: steps 1-4 again on a corpus with another seed and another family mix (and
@@ -555,7 +555,7 @@ def select_and_measure(
     from qgate.selection import compute_selection
 
     row: dict = {"method": method.name, "gate": method.gate, "select": method.select}
-    row["budgets"] = {}
+    row["budgets"], kinds = {}, noise_kinds(labels)
     for b in budgets:
         cfg = SelectConfig(
             scores=scores, corpus=[corpus["pool"]], budget_ratio=b, report=False, **method.select
@@ -571,7 +571,7 @@ def select_and_measure(
         row["auroc"], row["auroc_by_type"] = m["auroc"], m["auroc_by_type"]
         row["budgets"][str(b)] = {
             "noise_share": m["noise_share_selected"],
-            "type_share": {t: m["selected_share"].get(t, 0.0) for t in noise_kinds(labels)},
+            "type_share": {t: m["selected_share"].get(t, 0.0) for t in kinds},
             "target_family_share": target_share(result.table, family, targets),
             "selected": int(result.order.size),
             "k": result.reference.k,
@@ -657,7 +657,6 @@ def run_condition(
         "base": base,
         "runs": runs,
         "rows": rows,
-        "noise_kinds": noise_kinds(labels),
         "pool_noise_share": sum(pool_share.values()),
         "pool_type_share": pool_share,
         "pool_target_family_share": pool_targets,
