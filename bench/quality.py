@@ -17,8 +17,8 @@ Everything runs through the real stages, in one embedded Ray session:
 
 Downstream (the first corpus run, realistic or real base, the largest budget): the base is
 LoRA-finetuned (``qgate.finetune.run``) on the selections of the best methods, of random, and
-on the full pool, with the same number of steps, and scored by exact match on the test split with the lm-eval
-local task (``qgate.evaluation.evaluate``), once per ``--seeds`` entry.
+on the full pool, with the same number of steps, and scored by exact match on the test split
+with the lm-eval local task (``qgate.evaluation.evaluate``), once per ``--seeds`` entry.
 
 Generalisation: steps 1-4 again on a corpus with another seed and another family mix (and
 other target families), which no setting here was tuned on (B). With ``--corpora C`` and
