@@ -23,7 +23,9 @@ with the lm-eval local task (``qgate.evaluation.evaluate``), once per ``--seeds`
 Generalisation: steps 1-4 again on a corpus with another seed and another family mix (and
 other target families), which no setting here was tuned on (B). With ``--corpora C`` and
 ``--base-model``, also on corpus C (bench/heldout_corpus.py): other families, other sources
-and six other noise kinds, none of which qgate.synthetic or the contrast negatives make.
+and six other noise kinds, none of which qgate.synthetic or the contrast negatives make;
+``--corpora D`` the same with bench/heldout_corpus_d.py, a fourth generator kept out of every
+choice made on A, B and C (unbalanced families, a family under two sources, six more kinds).
 
 Writes OUT/quality.md (the table), OUT/quality.json (every number) and prints the table.
 Stage outputs live under OUT as well; the bench never reuses them (a re-run starts clean).
@@ -1145,12 +1147,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--corpora",
         nargs="+",
-        choices=["A", "B", "C"],
+        choices=["A", "B", "C", "D"],
         default=["A", "B"],
         help="which corpora to run (A: --seed/--families, B: --gen-seed/--gen-families, C:"
-        " bench/heldout_corpus.py with --heldout-seed; C needs --base-model)",
+        " bench/heldout_corpus.py with --heldout-seed, D: bench/heldout_corpus_d.py with"
+        " --heldout-d-seed; C and D need --base-model)",
     )
     ap.add_argument("--heldout-seed", type=int, default=2, help="corpus C's seed")
+    ap.add_argument("--heldout-d-seed", type=int, default=3, help="corpus D's seed")
     ap.add_argument(
         "--measure-only",
         action="store_true",
@@ -1280,6 +1284,7 @@ def run_downstream_only(args, argv, st: Settings, budget: float) -> int:
 def run(args, argv, st: Settings, downstream: bool, budgets: list[float]) -> int:
     """The bench proper (main sets up Ray and threads)."""
     from bench.heldout_corpus import HELDOUT_FAMILIES, generate_heldout
+    from bench.heldout_corpus_d import HELDOUT_D_FAMILIES, generate_heldout_d
     from qgate.synthetic import SPLITS, generate_corpus
 
     command = "python bench/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
@@ -1292,10 +1297,14 @@ def run(args, argv, st: Settings, downstream: bool, budgets: list[float]) -> int
     if st.generalisation:
         corpora.append(("B", args.gen_seed, args.gen_families))
     corpora = [c for c in corpora if c[0] in args.corpora]
-    if "C" in args.corpora:
+    held_out = {
+        "C": (args.heldout_seed, HELDOUT_FAMILIES, generate_heldout),
+        "D": (args.heldout_d_seed, HELDOUT_D_FAMILIES, generate_heldout_d),
+    }
+    for tag in sorted(set(args.corpora) & set(held_out)):
         if not args.base_model:
-            raise SystemExit("--corpora C needs --base-model (corpus C has no pretrain split)")
-        corpora.append(("C", args.heldout_seed, HELDOUT_FAMILIES))
+            raise SystemExit(f"--corpora {tag} needs --base-model (it has no pretrain split)")
+        corpora.append((tag, *held_out[tag][:2]))
     conditions, downstream_result, corpus_info, dedups, main = [], None, {}, [], None
     for tag, seed, families in corpora:
         cdir = os.path.join(args.out, f"corpus_{tag}")
@@ -1305,14 +1314,14 @@ def run(args, argv, st: Settings, downstream: bool, budgets: list[float]) -> int
             shutil.rmtree(cdir, ignore_errors=True)
             corpus = clock.run(
                 f"corpus {tag}",
-                generate_heldout if tag == "C" else generate_corpus,
+                held_out[tag][2] if tag in held_out else generate_corpus,
                 os.path.join(cdir, "data"),
                 seed=seed,
                 n_pool=st.n_pool,
                 n_target=st.n_target,
                 n_test=st.n_test,
                 families=families,
-                **({} if tag == "C" else {"n_pretrain": st.n_pretrain}),
+                **({} if tag in held_out else {"n_pretrain": st.n_pretrain}),
             )
         targets = set(families[:3])
         corpus_info[tag] = {"seed": seed, "families": list(families), "targets": sorted(targets)}

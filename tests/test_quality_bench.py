@@ -276,3 +276,55 @@ def test_heldout_corpus_c_is_labelled_unique_and_made_of_its_own_kinds(tmp_path)
         "refusal",
         "zzz",
     ]
+
+
+def test_heldout_corpus_d_is_labelled_unique_weighted_and_made_of_its_own_kinds(tmp_path):
+    """Corpus D (bench/heldout_corpus_d.py) is a second check on data no setting was chosen
+    on: its noise kinds and families must be neither A's nor C's, every pool row labelled,
+    the noise share exact and even over the kinds, prompts unique across splits, test/target
+    clean with the right answer in the assistant turn, families drawn with their weights,
+    a family spread over two sources, and the file the same for the same seed."""
+    _bench()  # puts the repository on sys.path
+    from bench.heldout_corpus import HELDOUT_FAMILIES, HELDOUT_NOISE
+    from bench.heldout_corpus_d import (
+        HELDOUT_D_FAMILIES,
+        HELDOUT_D_NOISE,
+        SOURCES,
+        WEIGHTS,
+        generate_heldout_d,
+    )
+    from qgate.synthetic import FAMILIES, NOISE_TYPES, read_rows
+
+    assert len(HELDOUT_D_NOISE) == 6 and len(HELDOUT_D_FAMILIES) == 8
+    assert not set(HELDOUT_D_NOISE) & (set(NOISE_TYPES) | set(HELDOUT_NOISE))
+    assert not set(HELDOUT_D_FAMILIES) & (set(FAMILIES) | set(HELDOUT_FAMILIES))
+    paths = generate_heldout_d(str(tmp_path / "a"), n_pool=600, n_test=60, n_target=30)
+    again = generate_heldout_d(str(tmp_path / "b"), n_pool=600, n_test=60, n_target=30)
+    split_rows = {s: read_rows(p) for s, p in paths.items()}
+    for split, path in again.items():
+        assert split_rows[split] == read_rows(path)
+    assert split_rows["pretrain"] == []
+    pool = split_rows["pool"]
+    kinds = [r["noise"] for r in pool]
+    assert set(kinds) <= {"clean", *HELDOUT_D_NOISE}
+    assert sum(k != "clean" for k in kinds) == 180  # 30% of 600, spread evenly
+    assert {k: kinds.count(k) for k in HELDOUT_D_NOISE} == dict.fromkeys(HELDOUT_D_NOISE, 30)
+    prompts = [r["messages"][0]["content"] for rows in split_rows.values() for r in rows]
+    assert len(prompts) == len(set(prompts)) == 690
+    for split in ("test", "target"):
+        for r in split_rows[split]:
+            assert r["noise"] == "clean" and r["messages"][1]["content"] == r["answer"]
+    assert {r["family"] for r in split_rows["target"]} <= set(HELDOUT_D_FAMILIES[:3])
+    for r in pool:
+        content = r["messages"][1]["content"]
+        assert (content == r["answer"]) == (r["noise"] == "clean")
+        assert r["source"] in dict(SOURCES[r["family"]])
+    sources = {r["source"] for r in pool}
+    assert len(sources) >= 4
+    assert any(len({r["source"] for r in pool if r["family"] == f}) > 1 for f in WEIGHTS)
+    counts = {f: sum(r["family"] == f for r in pool) for f in HELDOUT_D_FAMILIES}
+    common = [f for f in HELDOUT_D_FAMILIES if WEIGHTS[f] == max(WEIGHTS.values())]
+    rare = [f for f in HELDOUT_D_FAMILIES if WEIGHTS[f] == min(WEIGHTS.values())]
+    assert min(counts[f] for f in common) > 1.5 * max(counts[f] for f in rare)  # not uniform
+    other = generate_heldout_d(str(tmp_path / "c"), seed=4, n_pool=600, n_test=60, n_target=30)
+    assert read_rows(other["pool"]) != pool
