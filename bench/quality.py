@@ -143,6 +143,7 @@ class Method:
     select: dict = field(default_factory=dict)
 
 
+GATE_IFD = ["gate", "ifd"]
 GATE_PPL_IFD = ["gate", "perplexity", "ifd"]
 PPL_IFD = ["perplexity", "ifd"]
 IFD_BOTH = {"ifd": "both"}
@@ -212,6 +213,18 @@ METHODS = (
             "calibration": "both",
             "diversity": False,
         },
+    ),
+    # without perplexity, which ranks fluent noise (boilerplate, markup, reasoning that ends
+    # wrong) as good on corpora C and D and drags every worst_rank that holds it
+    Method(
+        "worst_rank(contrast gate,ifd) src",
+        "probe_contrast",
+        {"method": "worst_rank", "signals": GATE_IFD, "calibration": "source", "diversity": False},
+    ),
+    Method(
+        "worst_rank(contrast gate,ifd) src&pool",
+        "probe_contrast",
+        {"method": "worst_rank", "signals": GATE_IFD, "calibration": "both", "diversity": False},
     ),
     # only IFD, a ratio of two perplexities of the same answer, also ranked pool-wide: its
     # level means the same in every task, while perplexity's and the gate's follow the task
