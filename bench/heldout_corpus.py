@@ -199,19 +199,50 @@ def _rows(split: str, n: int, noisy: int, families: tuple, seen: set, rng) -> li
         seen.add(prompt)
         content = answer if kind == "clean" else corrupt(kind, answer, family, rng)
         rows.append(
-            {
-                "id": f"{split}-{i:06d}",
-                "source": SOURCES[family],
-                "family": family,
-                "noise": kind,
-                "answer": answer,
-                "messages": [
-                    {"role": "user", "content": prompt},
-                    {"role": "assistant", "content": content},
-                ],
-            }
+            chat_row(f"{split}-{i:06d}", SOURCES[family], family, kind, answer, prompt, content)
         )
     return rows
+
+
+def chat_row(
+    row_id: str, source: str, family: str, kind: str, answer: str, prompt: str, content: str
+) -> dict:
+    """One labelled row in the columns bench/quality.py reads (shared by corpora C and D)."""
+    return {
+        "id": row_id,
+        "source": source,
+        "family": family,
+        "noise": kind,
+        "answer": answer,
+        "messages": [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": content},
+        ],
+    }
+
+
+def write_splits(out_dir: str, stream: str, sizes: dict, families: tuple, rows) -> dict[str, str]:
+    """Write test, target, pretrain (empty) and pool JSONL in that order; return {split: path}.
+
+    ``sizes`` holds n_test, n_target, n_pool and noise_ratio; each split draws from its own
+    ``random.Random(f"{stream}:{split}")`` and ``rows(split, n, noisy, families, seen, rng)``
+    keeps prompts unique across splits through the shared ``seen`` set. Target rows come
+    from the first three families.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    seen: set[str] = set()
+    plan = (
+        ("test", sizes["n_test"], 0, families),
+        ("target", sizes["n_target"], 0, families[:3]),
+        ("pretrain", 0, 0, families),
+        ("pool", sizes["n_pool"], round(sizes["n_pool"] * sizes["noise_ratio"]), families),
+    )
+    paths = {}
+    for split, n, noisy, fams in plan:
+        rng = random.Random(f"{stream}:{split}")
+        paths[split] = os.path.join(out_dir, f"{split}.jsonl")
+        data.write_jsonl(paths[split], rows(split, n, noisy, fams, seen, rng))
+    return paths
 
 
 def generate_heldout(
@@ -230,17 +261,5 @@ def generate_heldout(
     and target clean, target from the first three families); pretrain is empty, since C is
     only run on a real base model. Deterministic in every argument.
     """
-    os.makedirs(out_dir, exist_ok=True)
-    seen: set[str] = set()
-    plan = (
-        ("test", n_test, 0, families),
-        ("target", n_target, 0, families[:3]),
-        ("pretrain", 0, 0, families),
-        ("pool", n_pool, round(n_pool * noise_ratio), families),
-    )
-    paths = {}
-    for split, n, noisy, fams in plan:
-        rng = random.Random(f"qgate-heldout:{seed}:{split}")
-        paths[split] = os.path.join(out_dir, f"{split}.jsonl")
-        data.write_jsonl(paths[split], _rows(split, n, noisy, fams, seen, rng))
-    return paths
+    sizes = {"n_test": n_test, "n_target": n_target, "n_pool": n_pool, "noise_ratio": noise_ratio}
+    return write_splits(out_dir, f"qgate-heldout:{seed}", sizes, families, _rows)

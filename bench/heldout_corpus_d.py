@@ -31,11 +31,10 @@ Rows carry the columns bench/quality.py reads: ``id``, ``source``, ``family``, `
 
 from __future__ import annotations
 
-import os
 import random
 from typing import NamedTuple
 
-from qgate import data
+from bench.heldout_corpus import chat_row, write_splits
 
 HELDOUT_D_FAMILIES = (
     "day_offset",
@@ -528,17 +527,7 @@ def _rows(split: str, n: int, noisy: int, families: tuple, seen: set, rng) -> li
         source = rng.choices(sources, source_weights)[0]
         content = item.answer if kind == "clean" else corrupt(kind, item, rng)
         rows.append(
-            {
-                "id": f"{split}-{i:06d}",
-                "source": source,
-                "family": family,
-                "noise": kind,
-                "answer": item.answer,
-                "messages": [
-                    {"role": "user", "content": item.prompt},
-                    {"role": "assistant", "content": content},
-                ],
-            }
+            chat_row(f"{split}-{i:06d}", source, family, kind, item.answer, item.prompt, content)
         )
     return rows
 
@@ -563,17 +552,5 @@ def generate_heldout_d(
     unknown = sorted(set(families) - set(HELDOUT_D_FAMILIES))
     if unknown or not families:
         raise ValueError(f"unknown or empty families {unknown or families}")
-    os.makedirs(out_dir, exist_ok=True)
-    seen: set[str] = set()
-    plan = (
-        ("test", n_test, 0, families),
-        ("target", n_target, 0, families[:3]),
-        ("pretrain", 0, 0, families),
-        ("pool", n_pool, round(n_pool * noise_ratio), families),
-    )
-    paths = {}
-    for split, n, noisy, fams in plan:
-        rng = random.Random(f"qgate-heldout-d:{seed}:{split}")
-        paths[split] = os.path.join(out_dir, f"{split}.jsonl")
-        data.write_jsonl(paths[split], _rows(split, n, noisy, fams, seen, rng))
-    return paths
+    sizes = {"n_test": n_test, "n_target": n_target, "n_pool": n_pool, "noise_ratio": noise_ratio}
+    return write_splits(out_dir, f"qgate-heldout-d:{seed}", sizes, families, _rows)
