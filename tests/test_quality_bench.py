@@ -239,6 +239,21 @@ def test_calibration_per_signal_ranks_each_signal_its_own_way(tmp_path):
         SelectConfig(**kw, calibration={"ppl": "both"})
 
 
+def _check_heldout_splits(split_rows: dict, noise: tuple, families: tuple) -> None:
+    """The contract of a held-out corpus written with n_pool=600, n_test=60, n_target=30:
+    30% of the pool noisy and even over the kinds, prompts unique across splits, test and
+    target clean with the right answer, target from the first three families."""
+    kinds = [r["noise"] for r in split_rows["pool"]]
+    assert sum(k != "clean" for k in kinds) == 180  # 30% of 600, spread evenly
+    assert {k: kinds.count(k) for k in noise} == dict.fromkeys(noise, 30)
+    prompts = [r["messages"][0]["content"] for rows in split_rows.values() for r in rows]
+    assert len(prompts) == len(set(prompts)) == 690
+    for split in ("test", "target"):
+        for r in split_rows[split]:
+            assert r["noise"] == "clean" and r["messages"][1]["content"] == r["answer"]
+    assert {r["family"] for r in split_rows["target"]} <= set(families[:3])
+
+
 def test_heldout_corpus_c_is_labelled_unique_and_made_of_its_own_kinds(tmp_path):
     """Corpus C (bench/heldout_corpus.py) is the bench's check on data no setting was chosen
     on: its noise kinds and families must be its own, every pool row labelled, prompts unique
@@ -255,15 +270,7 @@ def test_heldout_corpus_c_is_labelled_unique_and_made_of_its_own_kinds(tmp_path)
     split_rows = {s: read_rows(p) for s, p in paths.items()}
     assert split_rows["pool"] == read_rows(again["pool"])
     pool = split_rows["pool"]
-    kinds = [r["noise"] for r in pool]
-    assert sum(k != "clean" for k in kinds) == 180  # 30% of 600, spread evenly
-    assert {k: kinds.count(k) for k in HELDOUT_NOISE} == dict.fromkeys(HELDOUT_NOISE, 30)
-    prompts = [r["messages"][0]["content"] for rows in split_rows.values() for r in rows]
-    assert len(prompts) == len(set(prompts)) == 690
-    for split in ("test", "target"):
-        for r in split_rows[split]:
-            assert r["noise"] == "clean" and r["messages"][1]["content"] == r["answer"]
-    assert {r["family"] for r in split_rows["target"]} <= set(HELDOUT_FAMILIES[:3])
+    _check_heldout_splits(split_rows, HELDOUT_NOISE, HELDOUT_FAMILIES)
     assert len({r["source"] for r in pool}) == 3
     for r in pool:
         content = r["messages"][1]["content"]
@@ -305,16 +312,8 @@ def test_heldout_corpus_d_is_labelled_unique_weighted_and_made_of_its_own_kinds(
         assert split_rows[split] == read_rows(path)
     assert split_rows["pretrain"] == []
     pool = split_rows["pool"]
-    kinds = [r["noise"] for r in pool]
-    assert set(kinds) <= {"clean", *HELDOUT_D_NOISE}
-    assert sum(k != "clean" for k in kinds) == 180  # 30% of 600, spread evenly
-    assert {k: kinds.count(k) for k in HELDOUT_D_NOISE} == dict.fromkeys(HELDOUT_D_NOISE, 30)
-    prompts = [r["messages"][0]["content"] for rows in split_rows.values() for r in rows]
-    assert len(prompts) == len(set(prompts)) == 690
-    for split in ("test", "target"):
-        for r in split_rows[split]:
-            assert r["noise"] == "clean" and r["messages"][1]["content"] == r["answer"]
-    assert {r["family"] for r in split_rows["target"]} <= set(HELDOUT_D_FAMILIES[:3])
+    assert {r["noise"] for r in pool} <= {"clean", *HELDOUT_D_NOISE}
+    _check_heldout_splits(split_rows, HELDOUT_D_NOISE, HELDOUT_D_FAMILIES)
     for r in pool:
         content = r["messages"][1]["content"]
         assert (content == r["answer"]) == (r["noise"] == "clean")
