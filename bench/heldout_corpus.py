@@ -221,6 +221,50 @@ def chat_row(
     }
 
 
+def weighted_rows(
+    split: str,
+    n: int,
+    noisy: int,
+    families: tuple,
+    seen: set,
+    rng: random.Random,
+    *,
+    noise: tuple,
+    weights: dict,
+    sources: dict,
+    generators: dict,
+    corrupt,
+) -> list[dict]:
+    """Rows of one split for a corpus with unbalanced families (corpora D and E).
+
+    ``noisy`` of ``n`` rows are spread evenly over the ``noise`` kinds and shuffled; each row's
+    family is drawn with ``weights``, its task from ``generators[family](rng)`` (an item with
+    ``prompt`` and ``answer``) until the prompt is new, its source from ``sources[family]``
+    (``((source, weight), ...)``) and a noisy row's answer from ``corrupt(kind, item, rng)``.
+    """
+    kinds = [noise[i % len(noise)] for i in range(noisy)]
+    kinds += ["clean"] * (n - noisy)
+    rng.shuffle(kinds)
+    family_weights = [weights[f] for f in families]
+    rows = []
+    for i, kind in enumerate(kinds):
+        family = rng.choices(families, family_weights)[0]
+        for _ in range(1000):
+            item = generators[family](rng)
+            if item.prompt not in seen:
+                break
+        else:
+            raise ValueError(f"prompt space of {family} used up at {split} row {i}")
+        seen.add(item.prompt)
+        names, source_weights = zip(*sources[family])
+        source = rng.choices(names, source_weights)[0]
+        content = item.answer if kind == "clean" else corrupt(kind, item, rng)
+        rows.append(
+            chat_row(f"{split}-{i:06d}", source, family, kind, item.answer, item.prompt, content)
+        )
+    return rows
+
+
 def write_splits(out_dir: str, stream: str, sizes: dict, families: tuple, rows) -> dict[str, str]:
     """Write test, target, pretrain (empty) and pool JSONL in that order; return {split: path}.
 

@@ -31,10 +31,11 @@ Rows carry the columns bench/quality.py reads: ``id``, ``source``, ``family``, `
 
 from __future__ import annotations
 
+import functools
 import random
 from typing import NamedTuple
 
-from bench.heldout_corpus import chat_row, write_splits
+from bench.heldout_corpus import weighted_rows, write_splits
 
 HELDOUT_D_FAMILIES = (
     "day_offset",
@@ -507,29 +508,15 @@ def corrupt(kind: str, item: Item, rng: random.Random) -> str:
     raise ValueError(f"unknown noise kind {kind!r}; choose from {HELDOUT_D_NOISE}")
 
 
-def _rows(split: str, n: int, noisy: int, families: tuple, seen: set, rng) -> list[dict]:
-    """Rows of one split: ``noisy`` of ``n`` spread evenly over the noise kinds, shuffled."""
-    kinds = [HELDOUT_D_NOISE[i % len(HELDOUT_D_NOISE)] for i in range(noisy)]
-    kinds += ["clean"] * (n - noisy)
-    rng.shuffle(kinds)
-    weights = [WEIGHTS[f] for f in families]
-    rows = []
-    for i, kind in enumerate(kinds):
-        family = rng.choices(families, weights)[0]
-        for _ in range(1000):
-            item = GENERATORS[family](rng)
-            if item.prompt not in seen:
-                break
-        else:
-            raise ValueError(f"prompt space of {family} used up at {split} row {i}")
-        seen.add(item.prompt)
-        sources, source_weights = zip(*SOURCES[family])
-        source = rng.choices(sources, source_weights)[0]
-        content = item.answer if kind == "clean" else corrupt(kind, item, rng)
-        rows.append(
-            chat_row(f"{split}-{i:06d}", source, family, kind, item.answer, item.prompt, content)
-        )
-    return rows
+# one split's rows (bench/heldout_corpus.py's write_splits calls it)
+_rows = functools.partial(
+    weighted_rows,
+    noise=HELDOUT_D_NOISE,
+    weights=WEIGHTS,
+    sources=SOURCES,
+    generators=GENERATORS,
+    corrupt=corrupt,
+)
 
 
 def generate_heldout_d(

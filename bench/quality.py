@@ -25,7 +25,8 @@ other target families), which no setting here was tuned on (B). With ``--corpora
 ``--base-model``, also on corpus C (bench/heldout_corpus.py): other families, other sources
 and six other noise kinds, none of which qgate.synthetic or the contrast negatives make;
 ``--corpora D`` the same with bench/heldout_corpus_d.py, a fourth generator kept out of every
-choice made on A, B and C (unbalanced families, a family under two sources, six more kinds).
+choice made on A, B and C (unbalanced families, a family under two sources, six more kinds);
+``--corpora E`` with bench/heldout_corpus_e.py, a fifth, run after the choice made on A-D.
 
 Writes OUT/quality.md (the table), OUT/quality.json (every number) and prints the table.
 Stage outputs live under OUT as well; the bench never reuses them (a re-run starts clean).
@@ -1160,14 +1161,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--corpora",
         nargs="+",
-        choices=["A", "B", "C", "D"],
+        choices=["A", "B", "C", "D", "E"],
         default=["A", "B"],
         help="which corpora to run (A: --seed/--families, B: --gen-seed/--gen-families, C:"
         " bench/heldout_corpus.py with --heldout-seed, D: bench/heldout_corpus_d.py with"
-        " --heldout-d-seed; C and D need --base-model)",
+        " --heldout-d-seed, E: bench/heldout_corpus_e.py with --heldout-e-seed; C, D and E"
+        " need --base-model)",
     )
     ap.add_argument("--heldout-seed", type=int, default=2, help="corpus C's seed")
     ap.add_argument("--heldout-d-seed", type=int, default=3, help="corpus D's seed")
+    ap.add_argument("--heldout-e-seed", type=int, default=4, help="corpus E's seed")
     ap.add_argument(
         "--measure-only",
         action="store_true",
@@ -1298,6 +1301,7 @@ def run(args, argv, st: Settings, downstream: bool, budgets: list[float]) -> int
     """The bench proper (main sets up Ray and threads)."""
     from bench.heldout_corpus import HELDOUT_FAMILIES, generate_heldout
     from bench.heldout_corpus_d import HELDOUT_D_FAMILIES, generate_heldout_d
+    from bench.heldout_corpus_e import HELDOUT_E_FAMILIES, generate_heldout_e
     from qgate.synthetic import SPLITS, generate_corpus
 
     command = "python bench/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
@@ -1313,6 +1317,7 @@ def run(args, argv, st: Settings, downstream: bool, budgets: list[float]) -> int
     held_out = {
         "C": (args.heldout_seed, HELDOUT_FAMILIES, generate_heldout),
         "D": (args.heldout_d_seed, HELDOUT_D_FAMILIES, generate_heldout_d),
+        "E": (args.heldout_e_seed, HELDOUT_E_FAMILIES, generate_heldout_e),
     }
     for tag in sorted(set(args.corpora) & set(held_out)):
         if not args.base_model:

@@ -285,45 +285,84 @@ def test_heldout_corpus_c_is_labelled_unique_and_made_of_its_own_kinds(tmp_path)
     ]
 
 
-def test_heldout_corpus_d_is_labelled_unique_weighted_and_made_of_its_own_kinds(tmp_path):
-    """Corpus D (bench/heldout_corpus_d.py) is a second check on data no setting was chosen
-    on: its noise kinds and families must be neither A's nor C's, every pool row labelled,
+@pytest.mark.parametrize("tag", ["d", "e"])
+def test_weighted_heldout_corpus_is_labelled_unique_weighted_and_made_of_its_own_kinds(
+    tmp_path, tag
+):
+    """Corpora D and E (bench/heldout_corpus_{d,e}.py) are checks on data no setting was
+    chosen on: their noise kinds and families must be their own (none of A's, C's or each
+    other's), every pool row labelled, every noisy row's answer different from the right one,
     the noise share exact and even over the kinds, prompts unique across splits, test/target
-    clean with the right answer in the assistant turn, families drawn with their weights,
-    a family spread over two sources, and the file the same for the same seed."""
+    clean with the right answer in the assistant turn, families drawn with their weights, a
+    family spread over two sources, and the file the same for the same seed."""
+    import importlib
+
     _bench()  # puts the repository on sys.path
     from bench.heldout_corpus import HELDOUT_FAMILIES, HELDOUT_NOISE
-    from bench.heldout_corpus_d import (
-        HELDOUT_D_FAMILIES,
-        HELDOUT_D_NOISE,
-        SOURCES,
-        WEIGHTS,
-        generate_heldout_d,
-    )
     from qgate.synthetic import FAMILIES, NOISE_TYPES, read_rows
 
-    assert len(HELDOUT_D_NOISE) == 6 and len(HELDOUT_D_FAMILIES) == 8
-    assert not set(HELDOUT_D_NOISE) & (set(NOISE_TYPES) | set(HELDOUT_NOISE))
-    assert not set(HELDOUT_D_FAMILIES) & (set(FAMILIES) | set(HELDOUT_FAMILIES))
-    paths = generate_heldout_d(str(tmp_path / "a"), n_pool=600, n_test=60, n_target=30)
-    again = generate_heldout_d(str(tmp_path / "b"), n_pool=600, n_test=60, n_target=30)
+    corpus = importlib.import_module(f"bench.heldout_corpus_{tag}")
+    noise = getattr(corpus, f"HELDOUT_{tag.upper()}_NOISE")
+    families = getattr(corpus, f"HELDOUT_{tag.upper()}_FAMILIES")
+    generate = getattr(corpus, f"generate_heldout_{tag}")
+    other_noise, other_families = (
+        set(NOISE_TYPES) | set(HELDOUT_NOISE),
+        {*FAMILIES, *HELDOUT_FAMILIES},
+    )
+    if tag == "e":
+        from bench.heldout_corpus_d import HELDOUT_D_FAMILIES, HELDOUT_D_NOISE
+
+        other_noise |= set(HELDOUT_D_NOISE)
+        other_families |= set(HELDOUT_D_FAMILIES)
+    assert len(noise) == 6 and len(families) == 8
+    assert not set(noise) & other_noise
+    assert not set(families) & other_families
+    paths = generate(str(tmp_path / "a"), n_pool=600, n_test=60, n_target=30)
+    again = generate(str(tmp_path / "b"), n_pool=600, n_test=60, n_target=30)
     split_rows = {s: read_rows(p) for s, p in paths.items()}
     for split, path in again.items():
         assert split_rows[split] == read_rows(path)
     assert split_rows["pretrain"] == []
     pool = split_rows["pool"]
-    assert {r["noise"] for r in pool} <= {"clean", *HELDOUT_D_NOISE}
-    _check_heldout_splits(split_rows, HELDOUT_D_NOISE, HELDOUT_D_FAMILIES)
+    assert {r["noise"] for r in pool} <= {"clean", *noise}
+    _check_heldout_splits(split_rows, noise, families)
     for r in pool:
         content = r["messages"][1]["content"]
         assert (content == r["answer"]) == (r["noise"] == "clean")
-        assert r["source"] in dict(SOURCES[r["family"]])
+        assert r["source"] in dict(corpus.SOURCES[r["family"]])
     sources = {r["source"] for r in pool}
     assert len(sources) >= 4
-    assert any(len({r["source"] for r in pool if r["family"] == f}) > 1 for f in WEIGHTS)
-    counts = {f: sum(r["family"] == f for r in pool) for f in HELDOUT_D_FAMILIES}
-    common = [f for f in HELDOUT_D_FAMILIES if WEIGHTS[f] == max(WEIGHTS.values())]
-    rare = [f for f in HELDOUT_D_FAMILIES if WEIGHTS[f] == min(WEIGHTS.values())]
+    weights = corpus.WEIGHTS
+    assert any(len({r["source"] for r in pool if r["family"] == f}) > 1 for f in weights)
+    counts = {f: sum(r["family"] == f for r in pool) for f in families}
+    common = [f for f in families if weights[f] == max(weights.values())]
+    rare = [f for f in families if weights[f] == min(weights.values())]
     assert min(counts[f] for f in common) > 1.5 * max(counts[f] for f in rare)  # not uniform
-    other = generate_heldout_d(str(tmp_path / "c"), seed=4, n_pool=600, n_test=60, n_target=30)
+    other = generate(str(tmp_path / "c"), seed=9, n_pool=600, n_test=60, n_target=30)
     assert read_rows(other["pool"]) != pool
+
+
+def test_corpus_e_tasks_are_right_and_its_wrong_rule_is_wrong():
+    """Corpus E's answers are checked against independent computations, and its
+    ``wrong_rule`` answer differs from the right one for every draw."""
+    import random
+
+    _bench()
+    from bench.heldout_corpus_e import GENERATORS, to_roman
+
+    assert [to_roman(n) for n in (4, 9, 14, 40, 90, 399)] == [
+        "IV",
+        "IX",
+        "XIV",
+        "XL",
+        "XC",
+        "CCCXCIX",
+    ]
+    rng = random.Random(0)
+    for family, gen in GENERATORS.items():
+        for _ in range(300):
+            item = gen(rng)
+            assert item.answer and item.wrong_rule != item.answer, (family, item)
+    item = GENERATORS["remainder"](random.Random(1))
+    a, b = (int(x) for x in item.prompt.replace("?", "").replace(".", "").split() if x.isdigit())
+    assert item.answer == str(a % b)
