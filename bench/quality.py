@@ -1201,8 +1201,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--no-reference-arms",
         action="store_true",
-        help="with --downstream-from: finetune only --downstream-methods (which may name"
-        " random), not random and the full pool added to them",
+        help="finetune only --downstream-methods (which may name random), not random and the"
+        " full pool added to them (with --downstream-from, and in a full run)",
     )
     ap.add_argument(
         "--gates",
@@ -1397,6 +1397,7 @@ def run(args, argv, st: Settings, downstream: bool, budgets: list[float]) -> int
             budgets[-1],
             args.seeds,
             args.downstream_methods,
+            not args.no_reference_arms,
         )
     wall = time.perf_counter() - t_start
 
