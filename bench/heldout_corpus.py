@@ -22,6 +22,7 @@ Rows carry the columns bench/quality.py reads: ``id``, ``source``, ``family``, `
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import random
 
@@ -263,6 +264,21 @@ def weighted_rows(
             chat_row(f"{split}-{i:06d}", source, family, kind, item.answer, item.prompt, content)
         )
     return rows
+
+
+def write_weighted_corpus(
+    out_dir: str, stream: str, families: tuple, known: tuple, sizes: dict, **tables
+) -> dict[str, str]:
+    """Write a corpus with unbalanced families (D, E): check ``families`` against ``known``,
+    then ``write_splits`` with ``weighted_rows`` over ``tables`` (noise, weights, sources,
+    generators, corrupt); return {split: path}."""
+    families = tuple(families)
+    unknown = sorted(set(families) - set(known))
+    if unknown or not families:
+        raise ValueError(f"unknown or empty families {unknown or families}")
+    return write_splits(
+        out_dir, stream, sizes, families, functools.partial(weighted_rows, **tables)
+    )
 
 
 def write_splits(out_dir: str, stream: str, sizes: dict, families: tuple, rows) -> dict[str, str]:

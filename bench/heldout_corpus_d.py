@@ -31,11 +31,10 @@ Rows carry the columns bench/quality.py reads: ``id``, ``source``, ``family``, `
 
 from __future__ import annotations
 
-import functools
 import random
 from typing import NamedTuple
 
-from bench.heldout_corpus import weighted_rows, write_splits
+from bench.heldout_corpus import write_weighted_corpus
 
 HELDOUT_D_FAMILIES = (
     "day_offset",
@@ -508,17 +507,6 @@ def corrupt(kind: str, item: Item, rng: random.Random) -> str:
     raise ValueError(f"unknown noise kind {kind!r}; choose from {HELDOUT_D_NOISE}")
 
 
-# one split's rows (bench/heldout_corpus.py's write_splits calls it)
-_rows = functools.partial(
-    weighted_rows,
-    noise=HELDOUT_D_NOISE,
-    weights=WEIGHTS,
-    sources=SOURCES,
-    generators=GENERATORS,
-    corrupt=corrupt,
-)
-
-
 def generate_heldout_d(
     out_dir: str,
     *,
@@ -535,9 +523,16 @@ def generate_heldout_d(
     splits, test and target clean, target from the first three families, pretrain empty);
     families are drawn with WEIGHTS. Deterministic in every argument.
     """
-    families = tuple(families)
-    unknown = sorted(set(families) - set(HELDOUT_D_FAMILIES))
-    if unknown or not families:
-        raise ValueError(f"unknown or empty families {unknown or families}")
     sizes = {"n_test": n_test, "n_target": n_target, "n_pool": n_pool, "noise_ratio": noise_ratio}
-    return write_splits(out_dir, f"qgate-heldout-d:{seed}", sizes, families, _rows)
+    return write_weighted_corpus(
+        out_dir,
+        f"qgate-heldout-d:{seed}",
+        families,
+        HELDOUT_D_FAMILIES,
+        sizes,
+        noise=HELDOUT_D_NOISE,
+        weights=WEIGHTS,
+        sources=SOURCES,
+        generators=GENERATORS,
+        corrupt=corrupt,
+    )

@@ -33,11 +33,10 @@ Rows carry the columns bench/quality.py reads: ``id``, ``source``, ``family``, `
 
 from __future__ import annotations
 
-import functools
 import random
 from typing import NamedTuple
 
-from bench.heldout_corpus import WORDS, weighted_rows, write_splits
+from bench.heldout_corpus import WORDS, write_weighted_corpus
 from bench.heldout_corpus_d import PREFIX_WORDS
 
 HELDOUT_E_FAMILIES = (
@@ -408,17 +407,6 @@ def corrupt(kind: str, item: Item, rng: random.Random) -> str:
     raise ValueError(f"unknown noise kind {kind!r}; choose from {HELDOUT_E_NOISE}")
 
 
-# one split's rows (bench/heldout_corpus.py's write_splits calls it)
-_rows = functools.partial(
-    weighted_rows,
-    noise=HELDOUT_E_NOISE,
-    weights=WEIGHTS,
-    sources=SOURCES,
-    generators=GENERATORS,
-    corrupt=corrupt,
-)
-
-
 def generate_heldout_e(
     out_dir: str,
     *,
@@ -435,9 +423,16 @@ def generate_heldout_e(
     target clean, target from the first three families, pretrain empty); families are drawn
     with WEIGHTS. Deterministic in every argument.
     """
-    families = tuple(families)
-    unknown = sorted(set(families) - set(HELDOUT_E_FAMILIES))
-    if unknown or not families:
-        raise ValueError(f"unknown or empty families {unknown or families}")
     sizes = {"n_test": n_test, "n_target": n_target, "n_pool": n_pool, "noise_ratio": noise_ratio}
-    return write_splits(out_dir, f"qgate-heldout-e:{seed}", sizes, families, _rows)
+    return write_weighted_corpus(
+        out_dir,
+        f"qgate-heldout-e:{seed}",
+        families,
+        HELDOUT_E_FAMILIES,
+        sizes,
+        noise=HELDOUT_E_NOISE,
+        weights=WEIGHTS,
+        sources=SOURCES,
+        generators=GENERATORS,
+        corrupt=corrupt,
+    )
