@@ -142,7 +142,8 @@ def tokenize_messages(
     """Tokenize a conversation with loss labels.
 
     Returns ``input_ids``, ``attention_mask``, ``labels`` (-100 where no loss),
-    ``truncated`` and ``n_tokens_full``. ``loss_on`` is 'assistant' (every token overlapping
+    ``truncated``, ``n_tokens_full`` and ``n_prompt`` (the tokens before the first answer
+    token, whatever ``loss_on``: what the prompt embedding pools over). ``loss_on`` is 'assistant' (every token overlapping
     an assistant content or its closing special token) or 'all'. Over-long samples keep their
     first ``max_length`` tokens. A chat template that raises on this conversation, or loses a
     message, raises ``RowError(tokenization_error)``; a broken tokenizer raises as it is.
@@ -153,22 +154,25 @@ def tokenize_messages(
         text = render_chat(tokenizer, messages)
     except Exception as e:
         raise RowError(TOKENIZATION_ERROR, f"chat template failed: {describe_error(e)}") from e
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=loss_on != "all")
+    offsets = loss_on != "all" or getattr(tokenizer, "is_fast", False)  # slow: no offsets
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=offsets)
     ids = list(enc["input_ids"])
-    if loss_on == "all":
-        mask = [True] * len(ids)
-    else:
+    answer = [False] * len(ids)
+    if offsets:
         spans = _assistant_spans(tokenizer, text, messages)
-        mask = [_in_loss(a, b, spans) for a, b in enc["offset_mapping"]]
+        answer = [_in_loss(a, b, spans) for a, b in enc["offset_mapping"]]
+    mask = [True] * len(ids) if loss_on == "all" else answer
     n_full = len(ids)
     truncated = n_full > max_length
     ids, mask = ids[:max_length], mask[:max_length]
+    n_prompt = next((i for i, m in enumerate(answer[: len(ids)]) if m), len(ids))
     return {
         "input_ids": ids,
         "attention_mask": [1] * len(ids),
         "labels": [t if m else -100 for t, m in zip(ids, mask, strict=True)],
         "truncated": truncated,
         "n_tokens_full": n_full,
+        "n_prompt": n_prompt,
     }
 
 

@@ -206,4 +206,5 @@ def finite_stats(st: dict) -> bool:
         np.isfinite(st["nll"])
         and np.isfinite(st["gate"]).all()
         and np.isfinite(st["embedding"]).all()
+        and np.isfinite(st.get("prompt_embedding", 0.0)).all()
     )

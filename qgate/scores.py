@@ -33,7 +33,8 @@ SCALAR_COLUMNS = ("sample_id", "source", "nll", "ifd", "n_loss_tokens")
 def scores_schema(
     num_layers: int, dim: int, debug_tokens: bool = False, num_perm: int | None = None
 ) -> pa.Schema:
-    """The scores row, version 1 (DESIGN.md): fixed-size float32 lists for gate and embedding,
+    """The scores row, version 1 (DESIGN.md): fixed-size float32 lists for gate and the two
+    embeddings (the whole text, and the prompt alone: older scores lack the second),
     and (``num_perm``) the text's exact key and MinHash signature (qgate.minhash)."""
     f32 = pa.float32()
     fields = [
@@ -46,6 +47,7 @@ def scores_schema(
         ("gate", pa.list_(f32, num_layers)),
         ("gate_mean", pa.list_(f32, num_layers)),
         ("embedding", pa.list_(f32, dim)),
+        ("prompt_embedding", pa.list_(f32, dim)),
         ("ifd", f32),
     ]
     if num_perm:

@@ -7,6 +7,9 @@ when IFD is asked for) and returns:
 - ``gate``: per layer ``s_l = sum_t w_t g_{l,t}`` with ``w_t = ppl_t^alpha / (sum ppl^alpha + eps)``;
 - ``gate_mean``: per layer unweighted mean of g over the scored tokens;
 - ``embedding``: mean-pooled final hidden state, L2-normalised (optionally projected);
+- ``prompt_embedding``: the same over the tokens before the first answer token only. In a
+  causal model those states do not see the answer, so it says what was asked, not how it was
+  answered: the groups that selection calibrates within (``calibration: cluster``);
 - ``ifd``: ppl(answer | instruction) / ppl(answer alone), or None.
 
 Samples are sorted by length and packed into token-capped micro-batches with right padding;
@@ -136,9 +139,33 @@ def scored_token_nll(model, hidden: torch.Tensor, labels: torch.Tensor):
     return nll, mask
 
 
+def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the hidden states (B, T, H) over the positions where mask (B, T) is 1, fp32."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).float().sum(1) / m.float().sum(1).clamp(min=1)
+
+
+def prompt_length(sample: dict) -> int:
+    """Tokens before the first answer token: ``n_prompt`` from tokenization, else (a sample
+    built by hand) the position of the first scored label."""
+    if sample.get("n_prompt") is not None:
+        return int(sample["n_prompt"])
+    return next((i for i, t in enumerate(sample["labels"]) if t != -100), len(sample["labels"]))
+
+
+def _unit_rows(x: np.ndarray, projection: np.ndarray | None) -> np.ndarray:
+    """Rows projected (when a projection is set) and L2-normalised."""
+    if projection is not None:
+        x = x @ projection
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 @torch.no_grad()
-def _forward_stats(model, input_ids, labels, pad_id, alpha, eps, want_tokens=False, pool=True):
-    """One padded forward of the decoder body: per-sample nll, gate stats, pooled state."""
+def _forward_stats(
+    model, input_ids, labels, pad_id, alpha, eps, want_tokens=False, pool=True, n_prompt=None
+):
+    """One padded forward of the decoder body: per-sample nll, gate stats, pooled state (and,
+    given ``n_prompt`` per sample, the state pooled over those first tokens)."""
     device = next(model.parameters()).device
     ids = _pad(input_ids, pad_id, device)
     lab = _pad(labels, -100, device)
@@ -153,8 +180,12 @@ def _forward_stats(model, input_ids, labels, pad_id, alpha, eps, want_tokens=Fal
     mean_nll = (nll * mask).sum(-1) / n_scored.clamp(min=1)
     out = {"nll": mean_nll, "gate": s, "gate_mean": g_mean, "n_scored": n_scored}
     if pool:
-        am = attn.unsqueeze(-1).to(hidden.dtype)
-        out["pooled"] = (hidden * am).float().sum(1) / am.float().sum(1)  # (B, H)
+        out["pooled"] = _mean_pool(hidden, attn)  # (B, H)
+    if n_prompt is not None:
+        n = torch.as_tensor(n_prompt, device=attn.device).clamp(min=1).unsqueeze(1)
+        out["prompt_pooled"] = _mean_pool(
+            hidden, attn * (torch.arange(attn.shape[1], device=attn.device) < n)
+        )
     if want_tokens:
         out["token_nll"], out["token_gates"], out["mask"] = nll, gates, mask
     return out
@@ -195,17 +226,17 @@ def score_batch(
             alpha,
             eps,
             debug_tokens,
+            n_prompt=[prompt_length(samples[i]) for i in group],
         )
-        emb = st["pooled"].cpu().numpy()
-        if projection is not None:
-            emb = emb @ projection
-        emb = emb / np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+        emb = _unit_rows(st["pooled"].cpu().numpy(), projection)
+        prompt_emb = _unit_rows(st["prompt_pooled"].cpu().numpy(), projection)
         for j, i in enumerate(group):
             r = {
                 "nll": float(st["nll"][j]),
                 "gate": st["gate"][j].cpu().numpy().astype(np.float32),
                 "gate_mean": st["gate_mean"][j].cpu().numpy().astype(np.float32),
                 "embedding": emb[j].astype(np.float32),
+                "prompt_embedding": prompt_emb[j].astype(np.float32),
                 "n_loss_tokens": int(st["n_scored"][j]),
                 "ifd": None,
             }
@@ -252,6 +283,7 @@ def tokenize_for_scoring(
     out = {
         "input_ids": enc["input_ids"],
         "labels": enc["labels"],
+        "n_prompt": enc["n_prompt"],
         "truncated": enc["truncated"],
         "n_tokens": len(enc["input_ids"]),
     }

@@ -17,7 +17,7 @@ from qgate import data as D
 from qgate.batch_scoring import MANIFEST_FILE, ScoringError, run_scoring
 from qgate.config import ScoreConfig
 from qgate.config_io import load_config
-from qgate.model import gate_parameters, load_gated_model
+from qgate.model import forward, gate_parameters, load_gated_model
 from qgate.scoring import micro_batches, score_batch, tokenize_for_scoring
 
 ALPHA, EPS = 1.0, 1e-8
@@ -51,8 +51,42 @@ def test_padding_invariance(gated, corpus):
     for s, t in zip(samples, together):
         alone = score_batch(model, [s], pad_id=tok.pad_token_id, ifd=True)[0]
         assert abs(alone["nll"] - t["nll"]) < 1e-5 and abs(alone["ifd"] - t["ifd"]) < 1e-5
-        for k in ("gate", "gate_mean", "embedding"):
+        for k in ("gate", "gate_mean", "embedding", "prompt_embedding"):
             np.testing.assert_allclose(alone[k], t[k], atol=1e-5)
+
+
+def test_prompt_embedding_sees_the_prompt_not_the_answer(gated):
+    """Guards against a prompt embedding that pools answer tokens (it would group rows by
+    how they were answered, so a cluster of bad answers calibrates against itself): the same
+    prompt with different answers gives the same prompt embedding, under both loss modes,
+    equal to the mean final hidden state over the tokens before the answer."""
+    model, tok = gated
+    ask = {"role": "user", "content": "Name the capital of France."}
+    convs = [
+        [ask, {"role": "assistant", "content": "Paris."}],
+        [ask, {"role": "assistant", "content": "zzq vrr blob blob blob blob"}],
+        [{"role": "user", "content": "Sort 3, 1, 2."}, {"role": "assistant", "content": "Paris."}],
+    ]
+    for loss_on in ("assistant", "all"):
+        encs = [tokenize_for_scoring(tok, c, 128, loss_on, False) for c in convs]
+        assert encs[0]["n_prompt"] == encs[1]["n_prompt"] > 0
+        assert (
+            encs[0]["input_ids"][: encs[0]["n_prompt"]]
+            == encs[1]["input_ids"][: encs[1]["n_prompt"]]
+        )
+        out = score_batch(model, encs, pad_id=tok.pad_token_id)
+        np.testing.assert_allclose(
+            out[0]["prompt_embedding"], out[1]["prompt_embedding"], atol=1e-5
+        )
+        assert np.abs(out[0]["embedding"] - out[1]["embedding"]).max() > 1e-3
+        assert np.abs(out[0]["prompt_embedding"] - out[2]["prompt_embedding"]).max() > 1e-3
+        ids = torch.tensor([encs[0]["input_ids"][: encs[0]["n_prompt"]]])
+        with torch.no_grad():
+            hidden, _ = forward(model, ids, torch.ones_like(ids), body_only=True)
+        want = hidden[0].float().mean(0).numpy()
+        np.testing.assert_allclose(
+            out[0]["prompt_embedding"], want / np.linalg.norm(want), atol=1e-5
+        )
 
 
 def test_micro_batches_are_the_cheapest_partition_under_the_cap():
