@@ -227,6 +227,28 @@ METHODS = (
         "probe_contrast",
         {"method": "worst_rank", "signals": GATE_IFD, "calibration": "both", "diversity": False},
     ),
+    # within clusters of what the rows ask (the prompt embedding): every kind of task keeps
+    # its share, and within it the rows with the worst answers go
+    Method(
+        "worst_rank(contrast gate,ifd) cluster",
+        "probe_contrast",
+        {"method": "worst_rank", "signals": GATE_IFD, "calibration": "cluster", "diversity": False},
+    ),
+    Method(
+        "worst_rank(contrast gate,ppl,ifd) cluster",
+        "probe_contrast",
+        {
+            "method": "worst_rank",
+            "signals": GATE_PPL_IFD,
+            "calibration": "cluster",
+            "diversity": False,
+        },
+    ),
+    Method(
+        "worst_rank(ppl,ifd) cluster",
+        "probe_contrast",
+        {"method": "worst_rank", "signals": PPL_IFD, "calibration": "cluster", "diversity": False},
+    ),
     # only IFD, a ratio of two perplexities of the same answer, also ranked pool-wide: its
     # level means the same in every task, while perplexity's and the gate's follow the task
     Method(

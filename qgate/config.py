@@ -373,7 +373,7 @@ class ScoreConfig:
         )
 
 
-Calibration = Literal["pool", "source", "both"]
+Calibration = Literal["pool", "source", "both", "cluster"]
 SIGNALS = ("gate", "perplexity", "ifd", "length")
 """What worst_rank and rank_mean can join."""
 
@@ -428,6 +428,11 @@ class SelectConfig:
     ``{ifd: both}``; signals it does not name use ``source``."""
     calibration_min_rows: int = 200
     """calibration=source/both: sources with fewer rows are ranked against the whole pool."""
+    calibration_k: int | None = None
+    """calibration=cluster: each signal is ranked within the row's cluster of prompts
+    (k-means on the scores' ``prompt_embedding``: what was asked, not how it was answered),
+    so every kind of task keeps its share while its worst answers go. k clusters; None:
+    one per 64 scored rows, 2 to 256. Clusters under 16 rows use the pool's tables."""
     budget_ratio: float = 0.3
     budget_count: int | None = None
     """Rows to select; wins over budget_ratio."""
@@ -459,6 +464,7 @@ class SelectConfig:
         _check(0 < self.budget_ratio <= 1, "budget_ratio", "must be in (0, 1]")
         _check(self.budget_count is None or self.budget_count >= 1, "budget_count", "must be >= 1")
         _check(self.k is None or self.k >= 1, "k", "must be >= 1")
+        _check(self.calibration_k is None or self.calibration_k >= 1, "calibration_k", ">= 1")
         _check(self.calibration_min_rows >= 1, "calibration_min_rows", "must be >= 1")
         _check(2 <= self.k_min <= self.k_max, "k_min", "need 2 <= k_min <= k_max")
         bad = [s for s in self.signals if s not in SIGNALS]
@@ -475,7 +481,11 @@ class SelectConfig:
 
     def calibrates_by_source(self) -> bool:
         """Whether any signal is ranked within its source (per-source tables are needed)."""
-        return any(calibration_of(self.calibration, s) != "pool" for s in self.signals)
+        return any(calibration_of(self.calibration, s) in ("source", "both") for s in self.signals)
+
+    def calibrates_by_cluster(self) -> bool:
+        """Whether any signal is ranked within its prompt cluster (k-means is fitted)."""
+        return any(calibration_of(self.calibration, s) == "cluster" for s in self.signals)
 
     @property
     def use_diversity(self) -> bool:

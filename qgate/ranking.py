@@ -184,8 +184,12 @@ def hash_uniform(sample_ids: Iterable[str], seed: int) -> np.ndarray:
     return np.asarray(out, dtype=np.float64)
 
 
+CLUSTER_MIN_ROWS = 16
+"""calibration=cluster: prompt clusters with fewer rows are ranked against the whole pool."""
+
+
 def _source_groups(sources) -> Iterator[tuple[str, np.ndarray]]:
-    """(source name, row indices) for each distinct source, in name order."""
+    """(group name, row indices) for each distinct source (or cluster id), in name order."""
     src = np.asarray([str(s) for s in sources], dtype=object)
     names, inverse = np.unique(src, return_inverse=True)
     order = np.argsort(inverse, kind="stable")
@@ -195,14 +199,15 @@ def _source_groups(sources) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def source_quantile_tables(
-    cols: dict, signals: Sequence[str], min_rows: int
+    cols: dict, signals: Sequence[str], min_rows: int, group: str = "source"
 ) -> dict[str, dict[str, list[float]]]:
-    """Per-source percentile tables of each signal, for sources with at least ``min_rows``
-    rows that have every signal; smaller sources are left to the pool-wide tables."""
+    """Per-group percentile tables of each signal, for groups (sources, or the prompt
+    clusters of column ``calibration_cluster``) with at least ``min_rows`` rows that have
+    every signal; smaller groups are left to the pool-wide tables."""
     values = {s: signal_values(s, cols) for s in signals}
     ok = np.logical_and.reduce([np.isfinite(v) for v in values.values()])
     tables = {}
-    for name, idx in _source_groups(cols["source"]):
+    for name, idx in _source_groups(cols[group]):
         if int(ok[idx].sum()) >= min_rows:
             tables[name] = {s: quantile_table(values[s][idx], s) for s in signals}
     return tables
@@ -210,17 +215,21 @@ def source_quantile_tables(
 
 def signal_percentiles(name: str, cols: dict, reference: Reference) -> np.ndarray:
     """Percentile of signal ``name`` for each row: within the row's own source when the
-    reference holds that source's table (the signal's calibration 'source'), else within the
-    whole pool; with calibration 'both', the lower of the two."""
+    reference holds that source's table (the signal's calibration 'source'), or within the
+    row's prompt cluster ('cluster'), else within the whole pool; with calibration 'both',
+    the lower of the source's and the pool's."""
     values = signal_values(name, cols)
     pool = percentiles(values, reference.quantiles[name])
     mode = calibration_of(reference.calibration, name)
-    by_source = reference.quantiles_by_source
-    if mode == "pool" or not by_source:
+    if mode == "cluster":
+        groups, by_group = cols["calibration_cluster"], reference.quantiles_by_cluster
+    else:
+        groups, by_group = cols["source"], reference.quantiles_by_source
+    if mode == "pool" or not by_group:
         return pool
     out = pool.copy()
-    for source, idx in _source_groups(cols["source"]):
-        tables = by_source.get(source)
+    for source, idx in _source_groups(groups):
+        tables = by_group.get(source)
         if tables is not None:
             out[idx] = percentiles(values[idx], tables[name])
     return np.fmin(out, pool) if mode == "both" else out

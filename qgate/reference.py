@@ -40,6 +40,11 @@ class Reference:
     quantiles_by_source: dict | None = None
     """With calibration 'source' or 'both' (for any signal): per source, per signal, its own
     percentile table."""
+    calibration_centroids: list | None = None
+    """With calibration 'cluster': the k-means centroids of the prompt embeddings (a row's
+    calibration cluster is its nearest centroid)."""
+    quantiles_by_cluster: dict | None = None
+    """With calibration 'cluster': per prompt cluster id (a string), per signal, its table."""
     ppl_band: dict | None = None
     diversity: bool = False
     features: str | None = None
@@ -61,9 +66,10 @@ class Reference:
     version: int = REFERENCE_VERSION
 
     def to_dict(self) -> dict:
-        """Plain dict for reference.json (``dedup`` and ``gate_head`` only when used)."""
+        """Plain dict for reference.json (``dedup``, ``gate_head`` and the calibration
+        clusters only when used)."""
         d = dataclasses.asdict(self)
-        for key in ("dedup", "gate_head"):
+        for key in ("dedup", "gate_head", "calibration_centroids", "quantiles_by_cluster"):
             if d[key] is None:
                 del d[key]
         return d
