@@ -26,11 +26,26 @@ def _normalize(x):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def write_pool(root, n=300, parts=3, seed=0, ifd_null=0.05, manifest_patch=None):
+TASK_OFFSETS = (0.0, 0.0, -0.3, -0.6)
+"""Gate offsets of the prompt tasks of write_pool: tasks 2 and 3 are harder, not worse."""
+
+
+def write_pool(
+    root,
+    n=300,
+    parts=3,
+    seed=0,
+    ifd_null=0.05,
+    manifest_patch=None,
+    prompt_embedding=True,
+    task_offsets=(0.0,) * 4,
+):
     """Synthetic RUN/scores (parts in shuffled row order + manifest) and a labelled corpus.
 
     Clean rows and source 'a' get higher gate values, so q separates them; embeddings sit
-    around 3 directions. Returns (scores_dir, corpus_path).
+    around 3 directions. Each row asks one of 4 tasks (its prompt embedding sits near the
+    task's direction, whatever its source or noise), and a task's rows get its gate offset
+    (``task_offsets``, e.g. TASK_OFFSETS). Returns (scores_dir, corpus_path).
     """
     rng = np.random.default_rng(seed)
     ids = np.asarray([f"s{i:05d}" for i in range(n)])
@@ -44,6 +59,10 @@ def write_pool(root, n=300, parts=3, seed=0, ifd_null=0.05, manifest_patch=None)
     ifd = rng.uniform(0.5, 1.5, n) + 0.3 * (noise == "loop")
     ifd_valid = rng.random(n) >= ifd_null
     n_loss = rng.integers(5, 200, n)
+    task = rng.integers(0, len(task_offsets), n)
+    gate += np.asarray(task_offsets)[task][:, None]
+    tasks = _normalize(np.eye(D)[: len(task_offsets)] * 3 + 0.1 * rng.normal(size=(4, D)))
+    prompt = _normalize(tasks[task] + 0.1 * rng.normal(size=(n, D)))
 
     scores = os.path.join(root, "scores")
     os.makedirs(scores, exist_ok=True)
@@ -70,6 +89,13 @@ def write_pool(root, n=300, parts=3, seed=0, ifd_null=0.05, manifest_patch=None)
                 "ifd": pa.array(ifd[chunk], pa.float32(), mask=~ifd_valid[chunk]),
             }
         )
+        if prompt_embedding:
+            table = table.append_column(
+                "prompt_embedding",
+                pa.FixedSizeListArray.from_arrays(
+                    pa.array(prompt[chunk].astype(np.float32).ravel()), D
+                ),
+            )
         pq.write_table(table, os.path.join(scores, f"part-{j:05d}.parquet"))
 
     corpus = os.path.join(root, "pool.jsonl")
@@ -80,6 +106,7 @@ def write_pool(root, n=300, parts=3, seed=0, ifd_null=0.05, manifest_patch=None)
                 "id": ids[i],
                 "source": sources[i],
                 "noise": noise[i],
+                "task": int(task[i]),
                 "messages": [
                     {"role": "user", "content": f"question {i}"},
                     {"role": "assistant", "content": f"answer {i}"},
@@ -318,6 +345,8 @@ def test_missing_manifest_fails_with_clear_message(tmp_path):
         dict(method="quality_gate", features="gate", k=4, tau=0.1),
         dict(method="perplexity", ppl_band=[0.1, 0.9]),
         dict(method="random", seed=3),
+        dict(method="worst_rank", calibration="cluster", calibration_k=4, diversity=False),
+        dict(method="worst_rank", calibration={"gate": "cluster", "ifd": "both"}, k=3),
     ],
 )
 def test_decide_agrees_with_pool_selection(tmp_path, kw):
@@ -409,6 +438,51 @@ def test_worst_rank_score_is_min_of_signal_ranks(tmp_path):
         assert np.abs(np.asarray(t[f"pct_{name}"]) - r).max() < 5e-3, name
     combined = np.minimum.reduce([np.asarray(t[f"pct_{k}"]) for k in want])
     np.testing.assert_array_equal(np.asarray(t["score"]), combined)
+
+
+def _tasks(corpus):
+    """sample_id -> the task write_pool gave the row."""
+    with open(corpus) as f:
+        return {r["id"]: r["task"] for r in map(json.loads, f.readlines()[1:])}
+
+
+def test_cluster_calibration_ranks_within_prompt_clusters_and_keeps_every_task(tmp_path):
+    """Guards against calibration: cluster ranking against the wrong group (the pool, the
+    source, clusters of the whole text) or in the wrong direction: the prompt clusters are
+    the tasks, each signal's percentile is the row's rank within its cluster, every task
+    keeps its share of the budget (pool-wide ranking all but drops the hardest), and within
+    a task the clean rows still rank above the noise."""
+    scores, corpus = write_pool(tmp_path, n=800, ifd_null=0.0, task_offsets=TASK_OFFSETS)
+    task = _tasks(corpus)
+    kw = dict(method="worst_rank", signals=["gate", "ifd"], diversity=False, budget_ratio=0.3)
+    s = sel.compute_selection(cfg_for(tmp_path, calibration="cluster", calibration_k=4, **kw))
+    t = s.table.to_pydict()
+    cl, tk = np.asarray(t["calibration_cluster"]), np.asarray([task[i] for i in t["sample_id"]])
+    assert all(len(set(tk[cl == c])) == 1 for c in range(4))  # the clusters are the tasks
+    assert len(s.reference.calibration_centroids) == 4
+    for name, v in (("gate", np.asarray(t["q"])), ("ifd", -np.asarray(t["ifd"], dtype=float))):
+        for c in range(4):
+            i = np.flatnonzero(cl == c)
+            rank = np.argsort(np.argsort(v[i])) / (i.size - 1)
+            assert np.abs(np.asarray(t[f"pct_{name}"])[i] - rank).max() < 5e-3, (name, c)
+    chosen = np.asarray(t["selected"])
+    share = [chosen[tk == k].sum() / chosen.sum() / (tk == k).mean() for k in range(4)]
+    assert min(share) > 0.8 and max(share) < 1.2, share
+    with open(corpus) as f:
+        labels = {r["id"]: r["noise"] for r in map(json.loads, f.readlines()[1:])}
+    clean = np.asarray([labels[i] == "clean" for i in t["sample_id"]])
+    assert clean[chosen].mean() > clean.mean() + 0.1
+    pooled = sel.compute_selection(cfg_for(tmp_path, calibration="pool", **kw)).table
+    chosen = np.asarray(pooled.column("selected").to_pylist())
+    assert chosen[tk == 3].sum() / chosen.sum() < 0.25 * (tk == 3).mean()
+
+
+def test_cluster_calibration_needs_prompt_embeddings(tmp_path):
+    """Guards against calibration: cluster silently falling back on scores made before the
+    prompt_embedding column existed: it says what is missing and what to do."""
+    write_pool(tmp_path, n=100, prompt_embedding=False)
+    with pytest.raises(sel.SelectionError, match="prompt_embedding column.*score again"):
+        sel.compute_selection(cfg_for(tmp_path, method="worst_rank", calibration="cluster"))
 
 
 # ----------------------------------------------------------------------------- report, job
