@@ -206,6 +206,7 @@ class QGateModel:
                     "gate": st["gate"].tolist(),
                     "gate_mean": st["gate_mean"].tolist(),
                     "embedding": st["embedding"].tolist(),
+                    "prompt_embedding": st["prompt_embedding"].tolist(),
                     "ifd": st["ifd"],
                     "n_loss_tokens": st["n_loss_tokens"],
                     "q": d.get("q"),

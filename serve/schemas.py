@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Extra = Literal["embedding", "gate_mean", "ifd", "n_loss_tokens"]
+Extra = Literal["embedding", "prompt_embedding", "gate_mean", "ifd", "n_loss_tokens"]
 
 _EXAMPLES = [
     {
@@ -72,6 +72,9 @@ class SampleScore(BaseModel):
     q: float | None = Field(None, description="Quality score against the loaded reference.")
     gate_mean: list[float] | None = None
     embedding: list[float] | None = None
+    prompt_embedding: list[float] | None = Field(
+        None, description="The prompt alone (calibration: cluster groups rows by it)."
+    )
     ifd: float | None = None
     n_loss_tokens: int | None = None
     error: RowError | None = None

@@ -136,7 +136,8 @@ def test_score_matches_batch_parquet(server, artifacts):
     """Guards against a second scoring path drifting from the batch job: other max_length,
     alpha, loss mask, projection or IFD settings, or stats that depend on batch-mates."""
     pool = artifacts["pool"][:48]
-    bodies = [{"samples": c, "return": ["embedding", "gate_mean", "ifd"]} for c in _chunks(pool, 6)]
+    extras = ["embedding", "prompt_embedding", "gate_mean", "ifd"]
+    bodies = [{"samples": c, "return": extras} for c in _chunks(pool, 6)]
     replies = _post_many(server["url"], "/v1/score", bodies)
     results = [r for reply in replies for r in reply["results"]]
     scores, selection = artifacts["scores"], artifacts["selection"]
@@ -153,7 +154,8 @@ def test_score_matches_batch_parquet(server, artifacts):
         np.testing.assert_allclose(res["nll"], want["nll"], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(res["gate"], want["gate"], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(res["gate_mean"], want["gate_mean"], rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(res["embedding"], want["embedding"], rtol=1e-3, atol=1e-4)
+        for key in ("embedding", "prompt_embedding"):
+            np.testing.assert_allclose(res[key], want[key], rtol=1e-3, atol=1e-4)
         if want["ifd"] is None:
             assert res["ifd"] is None
         else:
