@@ -572,6 +572,21 @@ def target_share(table, family: dict[str, str], targets: set[str]) -> float | No
     return sum(f in targets for f in chosen) / len(chosen) if chosen else None
 
 
+def family_distance(table, family: dict[str, str], labels: dict[str, str]) -> float | None:
+    """Total variation distance between the task-family mix of the selection's clean rows and
+    that of the pool's clean rows: 0 keeps every family's share, 1 keeps none of the pool's
+    families. Removing noise should not move it; a ranking that favours easy families does."""
+    ids = table.column("sample_id").to_pylist()
+    sel = table.column("selected").to_pylist()
+    clean = [(family.get(i), s) for i, s in zip(ids, sel, strict=True) if labels.get(i) == "clean"]
+    pool = Counter(f for f, _ in clean)
+    chosen = Counter(f for f, s in clean if s)
+    if not chosen or len(pool) < 2:
+        return None
+    n_pool, n_chosen = sum(pool.values()), sum(chosen.values())
+    return 0.5 * sum(abs(chosen[f] / n_chosen - pool[f] / n_pool) for f in pool)
+
+
 def select_and_measure(
     method: Method,
     scores: str,
@@ -611,6 +626,7 @@ def select_and_measure(
             "noise_share": m["noise_share_selected"],
             "type_share": {t: m["selected_share"].get(t, 0.0) for t in kinds},
             "target_family_share": target_share(result.table, family, targets),
+            "family_distance": family_distance(result.table, family, labels),
             "selected": int(result.order.size),
             "k": result.reference.k,
             "select_s": seconds,
@@ -1087,7 +1103,8 @@ def selection_table(conditions: list[dict], budgets: list[float]) -> str:
     head = ["condition", "method", "AUROC", *[f"AUROC {s}" for s in short]]
     for b in budgets:
         head += [f"noise @{b:g}", f"by type @{b:g} ({types}), %"]
-    head += [f"target fam @{budgets[-1]:g}", "warmup s", "score s", "select s"]
+    head += [f"target fam @{budgets[-1]:g}", f"family TV @{budgets[-1]:g}"]
+    head += ["warmup s", "score s", "select s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for cond in conditions:
         lines.append(
@@ -1099,7 +1116,7 @@ def selection_table(conditions: list[dict], budgets: list[float]) -> str:
                 + " |"
                 for _ in budgets
             )
-            + f" {_pct(cond['pool_target_family_share'])} | | | |"
+            + f" {_pct(cond['pool_target_family_share'])} | 0 | | | |"
         )
         for r in cond["rows"]:
             cells = [cond["condition"], r["method"], _f(r["auroc"])]
@@ -1110,6 +1127,7 @@ def selection_table(conditions: list[dict], budgets: list[float]) -> str:
                 cells.append(" ".join(_pct(bb["type_share"].get(t)) for t in kinds))
             top = r["budgets"][str(budgets[-1])]
             cells.append(_pct(top["target_family_share"]))
+            cells.append(_f(top.get("family_distance"), "{:.2f}"))
             cells += [_f(r["warmup_s"], "{:.0f}"), _f(r["score_s"], "{:.0f}")]
             cells.append("/".join(_f(r["budgets"][str(b)]["select_s"], "{:.1f}") for b in budgets))
             lines.append("| " + " | ".join(cells) + " |")
