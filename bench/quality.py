@@ -980,7 +980,9 @@ def run_downstream(
             ratio = 1.0 if name == "full pool" else budget
         else:
             m, ratio = next(m for m in METHODS if m.name == name), budget
-            noise = by_name[name]["budgets"][str(budget)]["noise_share"]
+            # a method the earlier run did not measure: its noise share from its selection
+            row = by_name.get(name)
+            noise = row["budgets"][str(budget)]["noise_share"] if row else None
         if name == ORACLE:
             s = _oracle_arm(cond, corpus, out, budget)
         elif not redraw:
