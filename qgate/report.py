@@ -133,6 +133,7 @@ def _plots(out_dir: str, table: pa.Table, reference: Reference) -> list[tuple[st
         _score_hist(out_dir, score, sel, reference),
         _cluster_bars(out_dir, reference.counts),
         _source_bars(out_dir, table, sel),
+        _prompt_cluster_bars(out_dir, table, sel),
         _nll_vs_score(out_dir, table, score, sel, reference.method),
         _signal_hists(out_dir, table, sel),
     ]
@@ -179,6 +180,31 @@ def _cluster_bars(out_dir: str, counts: dict) -> tuple[str, str] | None:
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "clusters.png"))
     return "clusters.png", "Cluster sizes: available candidates vs selected."
+
+
+def _prompt_cluster_bars(out_dir: str, table: pa.Table, sel) -> tuple[str, str] | None:
+    """Rows per prompt cluster in the pool and in the selection (calibration: cluster only):
+    with the signals ranked within each cluster, every kind of prompt keeps about its share."""
+    if "calibration_cluster" not in table.column_names:
+        return None
+    cl = table.column("calibration_cluster").to_numpy(zero_copy_only=False)
+    cl = np.asarray(cl, dtype=float)
+    if np.isnan(cl).all():
+        return None
+    ids = cl[~np.isnan(cl)].astype(int)
+    k = int(ids.max()) + 1
+    before = np.bincount(ids, minlength=k)
+    after = np.bincount(cl[sel & ~np.isnan(cl)].astype(int), minlength=k)
+    fig, ax = _figure(max(6.4, 0.25 * k), 4.0)
+    x = np.arange(k)
+    ax.bar(x, before, color="#bbbbbb", label="pool")
+    ax.bar(x, after, color="#1f77b4", label="selected")
+    ax.set_xlabel("prompt cluster")
+    ax.set_ylabel("samples")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "prompt_clusters.png"))
+    return "prompt_clusters.png", "Rows per prompt cluster (calibration): pool vs selected."
 
 
 def _source_bars(out_dir: str, table: pa.Table, sel) -> tuple[str, str]:
@@ -425,6 +451,16 @@ def _dropped_html(reference: Reference, rejects: list[dict]) -> list[str]:
     return parts
 
 
+def _calibration_text(reference: Reference) -> str | None:
+    """How the combined methods ranked each signal (None for single-signal methods)."""
+    if reference.calibration is None:
+        return None
+    text = str(reference.calibration)
+    if reference.calibration_centroids is not None:
+        text += f" ({len(reference.calibration_centroids)} prompt clusters)"
+    return text
+
+
 def write_report(
     out_dir: str,
     selection_table: pa.Table,
@@ -456,6 +492,7 @@ def write_report(
             "diversity",
             f"k={reference.k} on {reference.features}" if reference.k else "off",
         ),
+        ("calibration", _calibration_text(reference)),
         ("global cutoff", cut["global"]),
     ]
     parts = [

@@ -472,6 +472,10 @@ def test_cluster_calibration_ranks_within_prompt_clusters_and_keeps_every_task(t
         labels = {r["id"]: r["noise"] for r in map(json.loads, f.readlines()[1:])}
     clean = np.asarray([labels[i] == "clean" for i in t["sample_id"]])
     assert clean[chosen].mean() > clean.mean() + 0.1
+    sel.run_selection(cfg_for(tmp_path, calibration="cluster", calibration_k=4, **kw))
+    out = tmp_path / "selection"
+    assert (out / "prompt_clusters.png").exists()
+    assert "cluster (4 prompt clusters)" in (out / "report.html").read_text()
     pooled = sel.compute_selection(cfg_for(tmp_path, calibration="pool", **kw)).table
     chosen = np.asarray(pooled.column("selected").to_pylist())
     assert chosen[tk == 3].sum() / chosen.sum() < 0.25 * (tk == 3).mean()
