@@ -83,7 +83,10 @@ def test_ray_version_pinned_everywhere():
 @pytest.mark.parametrize(
     "override, says",
     [
-        ("calibration={ifd: bth}", "expected one of 'pool', 'source', 'both', 'cluster' or a mapping of str"),
+        (
+            "calibration={ifd: bth}",
+            "expected one of 'pool', 'source', 'both', 'cluster' or a mapping of str",
+        ),
         ("budget_count=abc", "budget_count: expected int or None, got 'abc'"),
         ("ppl_band=x", "ppl_band: expected a list of float or None"),
     ],
