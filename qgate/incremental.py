@@ -24,13 +24,14 @@ import pyarrow.parquet as pq
 from qgate.config import ExtendConfig, MinHash, stage_dir
 from qgate.reference import Reference
 from qgate.scores import (
+    SelectionError,
     check_comparable,
     iter_score_batches,
     list_matrix,
     read_manifest,
     score_parts,
 )
-from qgate.selection import decide, join_corpus
+from qgate.selection import PROMPT_FEATURES, decide, join_corpus
 from qgate.selection_log import COMMITTED, NOT_SELECTED, SelectionLog, pool_identity
 
 DRIFT_FACTOR = 2.0
@@ -64,16 +65,27 @@ def read_samples(scores_dirs: list[str], reference: Reference) -> list[dict]:
         cols += [c for c in ("text_key", "minhash") if c in names]
         if feats and feats not in cols:
             cols.append(feats)
+        prompt = PROMPT_FEATURES if reference.calibration_centroids is not None else None
+        if prompt:
+            if prompt not in names:
+                raise SelectionError(
+                    f"{d}: the reference ranks within prompt clusters (calibration: cluster) but"
+                    f" these scores have no {prompt} column (scored by an older qgate)"
+                )
+            cols.append(prompt)
         for _, batch in iter_score_batches(parts, cols):
             gate = list_matrix(batch.column("gate"), "gate")
             emb = list_matrix(batch.column(feats), feats) if feats and feats != "gate" else None
+            pe = list_matrix(batch.column(prompt), prompt) if prompt else None
             mh = (
                 batch.column("minhash").flatten().to_numpy().reshape(batch.num_rows, -1)
                 if "minhash" in cols
                 else None
             )
             py = {
-                c: batch.column(c).to_pylist() for c in cols if c not in ("gate", "minhash", feats)
+                c: batch.column(c).to_pylist()
+                for c in cols
+                if c not in ("gate", "minhash", feats, prompt)
             }
             for i in range(batch.num_rows):
                 s = {c: py[c][i] for c in py}
@@ -82,6 +94,8 @@ def read_samples(scores_dirs: list[str], reference: Reference) -> list[dict]:
                     s[feats] = emb[i]
                 if mh is not None:
                     s["minhash"] = mh[i].tolist()
+                if pe is not None:
+                    s[prompt] = pe[i]
                 samples.append(s)
     return samples
 

@@ -185,7 +185,7 @@ PROMPT_FEATURES = "prompt_embedding"
 ROWS_PER_CALIBRATION_CLUSTER = 64
 """calibration_k None: one prompt cluster per this many scored rows (2 to 256). Measured on
 five synthetic corpora of 2,000 rows, noise share, AUROC and family balance were flat from
-k = 24 to 100 (BENCHMARKS.md, "Calibrating within prompt clusters")."""
+k = 24 to 100 (BENCHMARKS.md, "Ranking within prompt clusters")."""
 
 
 def calibration_k(cfg: SelectConfig, n: int) -> int:
@@ -366,7 +366,7 @@ def _selection_table(pool, cols, q, score, pct, cluster, rank, sel, diversity: b
         "q": pa.array(q, type=pa.float64()),
         "cluster": nullable(cluster, np.full(n, diversity), pa.int32()),
         "rank": nullable(rank, rank >= 0, pa.int32()),
-        "calibration_cluster": nullable(cols["calibration_cluster"], calib >= 0, pa.int32()),
+        "calibration_cluster": nullable(calib, calib >= 0, pa.int32()),
         "selected": pa.array(selected),
         "order": nullable(position, position >= 0, pa.int32()),
         "nll": pa.array(cols["nll"], type=pa.float32()),

@@ -123,6 +123,8 @@ def test_two_writers_commit_each_sample_once(tmp_path):
 @pytest.fixture(scope="module")
 def grown(tmp_path_factory, corpus, tiny_model, ray_session):
     """A pool scored and selected, and a second batch of new rows scored beside it."""
+    import dataclasses
+
     from qgate.batch_scoring import run_scoring
     from qgate.config import ScoreConfig, SelectConfig
     from qgate.selection import run_selection
@@ -146,7 +148,9 @@ def grown(tmp_path_factory, corpus, tiny_model, ray_session):
         p: os.stat(os.path.join(run, "scores", p)).st_mtime_ns
         for p in os.listdir(os.path.join(run, "scores"))
     }
-    sel = run_selection(SelectConfig(run_dir=run, corpus=[corpus["pool"]], report=False))
+    # ranked within prompt clusters, as select.yaml does: extend must read prompt embeddings
+    sel_cfg = SelectConfig(run_dir=run, corpus=[corpus["pool"]], report=False)
+    sel = run_selection(dataclasses.replace(sel_cfg, calibration="cluster"))
     return {"run": run, "new": new, "before": before, "sel": sel, "pool": corpus["pool"]}
 
 
