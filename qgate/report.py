@@ -164,21 +164,25 @@ def _score_hist(out_dir: str, score, sel, reference: Reference) -> tuple[str, st
     return "score_hist.png", caption + "."
 
 
+def _count_bars(out_dir: str, name: str, before, after, labels: tuple[str, str, str]) -> None:
+    """One bar chart of counts per cluster id: ``before`` in grey, ``after`` over it."""
+    fig, ax = _figure(max(6.4, 0.25 * len(before)), 4.0)
+    x = np.arange(len(before))
+    ax.bar(x, before, color="#bbbbbb", label=labels[0])
+    ax.bar(x, after, color="#1f77b4", label=labels[1])
+    ax.set_xlabel(labels[2])
+    ax.set_ylabel("samples")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, name))
+
+
 def _cluster_bars(out_dir: str, counts: dict) -> tuple[str, str] | None:
     """Per-cluster candidates vs selected (None without diversity)."""
     if not counts.get("per_cluster_available"):
         return None
-    avail = np.asarray(counts["per_cluster_available"])
-    taken = np.asarray(counts["per_cluster_selected"])
-    fig, ax = _figure(max(6.4, 0.25 * avail.size), 4.0)
-    x = np.arange(avail.size)
-    ax.bar(x, avail, color="#bbbbbb", label="available")
-    ax.bar(x, taken, color="#1f77b4", label="selected")
-    ax.set_xlabel("cluster")
-    ax.set_ylabel("samples")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "clusters.png"))
+    avail, taken = counts["per_cluster_available"], counts["per_cluster_selected"]
+    _count_bars(out_dir, "clusters.png", avail, taken, ("available", "selected", "cluster"))
     return "clusters.png", "Cluster sizes: available candidates vs selected."
 
 
@@ -187,23 +191,16 @@ def _prompt_cluster_bars(out_dir: str, table: pa.Table, sel) -> tuple[str, str] 
     with the signals ranked within each cluster, every kind of prompt keeps about its share."""
     if "calibration_cluster" not in table.column_names:
         return None
-    cl = table.column("calibration_cluster").to_numpy(zero_copy_only=False)
-    cl = np.asarray(cl, dtype=float)
-    if np.isnan(cl).all():
+    cl = np.asarray(table.column("calibration_cluster").to_numpy(zero_copy_only=False), float)
+    known = ~np.isnan(cl)
+    if not known.any():
         return None
-    ids = cl[~np.isnan(cl)].astype(int)
-    k = int(ids.max()) + 1
-    before = np.bincount(ids, minlength=k)
-    after = np.bincount(cl[sel & ~np.isnan(cl)].astype(int), minlength=k)
-    fig, ax = _figure(max(6.4, 0.25 * k), 4.0)
-    x = np.arange(k)
-    ax.bar(x, before, color="#bbbbbb", label="pool")
-    ax.bar(x, after, color="#1f77b4", label="selected")
-    ax.set_xlabel("prompt cluster")
-    ax.set_ylabel("samples")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "prompt_clusters.png"))
+    k = int(cl[known].max()) + 1
+    before = np.bincount(cl[known].astype(int), minlength=k)
+    after = np.bincount(cl[sel & known].astype(int), minlength=k)
+    _count_bars(
+        out_dir, "prompt_clusters.png", before, after, ("pool", "selected", "prompt cluster")
+    )
     return "prompt_clusters.png", "Rows per prompt cluster (calibration): pool vs selected."
 
 
