@@ -1,11 +1,13 @@
 """Selection at scale: time and peak memory of the selection core on 100k and 1M rows.
 
-python bench/select_scale.py [--rows 100000 1000000] [--method quality_gate] [--keep DIR]
+python bench/select_scale.py [--rows 100000 1000000] [--method quality_gate | --shipped] [--keep DIR]
 
-For each size it writes a synthetic RUN/scores (L=28 gate layers, D=256 embeddings, parts of
-100k rows; not timed), then times qgate.selection.compute_selection in a fresh subprocess:
-the streaming column stats, q, k-means (k by silhouette) fitted on a seeded sample and
-assigned to every row, and the round-robin budget. The corpus join and the report are not
+For each size it writes a synthetic RUN/scores (L=28 gate layers, D=256 embeddings and prompt
+embeddings, parts of 100k rows; not timed), then times qgate.selection.compute_selection in a
+fresh subprocess: the streaming column stats, q, k-means (k by silhouette) fitted on a seeded
+sample and assigned to every row, and the round-robin budget. ``--shipped`` times
+jobs/configs/select.yaml instead (worst_rank within prompt clusters: one k-means of 256
+clusters at 1M rows, fitted on 50k prompt embeddings, and per-cluster percentile tables). The corpus join and the report are not
 timed. Peak RSS is the child's ru_maxrss, so each size is measured on its own (the parent
 stays small: data are written by subprocesses as well).
 """
@@ -27,6 +29,8 @@ import numpy as np
 L, D = 28, 256
 PART_ROWS = 100_000
 CENTRES = 24
+TASKS = 300
+"""Distinct kinds of prompt in the synthetic prompt embeddings."""
 
 
 def write_scores(out_dir: str, n: int, seed: int = 0) -> None:
@@ -36,6 +40,7 @@ def write_scores(out_dir: str, n: int, seed: int = 0) -> None:
 
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(CENTRES, D)).astype(np.float32)
+    tasks = rng.normal(size=(TASKS, D)).astype(np.float32)
     layer_mean = rng.uniform(0.2, 0.8, L).astype(np.float32)
     os.makedirs(out_dir, exist_ok=True)
     for j, start in enumerate(range(0, n, PART_ROWS)):
@@ -44,6 +49,8 @@ def write_scores(out_dir: str, n: int, seed: int = 0) -> None:
         gate = np.clip(layer_mean + 0.05 * quality + 0.05 * rng.normal(size=(m, L)), 0, 1)
         emb = centres[rng.integers(0, CENTRES, m)] + rng.normal(size=(m, D)).astype(np.float32)
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+        prompt = tasks[rng.integers(0, TASKS, m)] + 0.3 * rng.normal(size=(m, D)).astype(np.float32)
+        prompt /= np.linalg.norm(prompt, axis=1, keepdims=True)
         ifd = rng.uniform(0.3, 1.5, m).astype(np.float32)
         table = pa.table(
             {
@@ -60,6 +67,7 @@ def write_scores(out_dir: str, n: int, seed: int = 0) -> None:
                     pa.array(gate.astype(np.float32).ravel()), L
                 ),
                 "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), D),
+                "prompt_embedding": pa.FixedSizeListArray.from_arrays(pa.array(prompt.ravel()), D),
                 "ifd": pa.array(ifd, mask=rng.random(m) < 0.01),
             }
         )
@@ -81,11 +89,17 @@ def write_scores(out_dir: str, n: int, seed: int = 0) -> None:
 
 
 def child(scores_dir: str, method: str) -> None:
-    """Run the selection core once and print one JSON line (time, peak RSS, result)."""
+    """Run the selection core once and print one JSON line (time, peak RSS, result);
+    ``method`` 'shipped' runs jobs/configs/select.yaml."""
     from qgate.config import SelectConfig
+    from qgate.config_io import load_config
     from qgate.selection import compute_selection
 
-    cfg = SelectConfig(scores=scores_dir, method=method)
+    if method == "shipped":
+        shipped = os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "select.yaml")
+        cfg = load_config(SelectConfig, shipped, [f"scores={scores_dir}", "report=false"])
+    else:
+        cfg = SelectConfig(scores=scores_dir, method=method)
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     result = compute_selection(cfg)
@@ -99,7 +113,7 @@ def child(scores_dir: str, method: str) -> None:
         "cpu_seconds": (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime),
         "rows": ref.counts["scored"],
         "selected": ref.counts["selected"],
-        "k": ref.k,
+        "k": ref.k or len(ref.calibration_centroids or []) or None,
         "steps": result.timings,
     }
     print(json.dumps(out))
@@ -109,10 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--method", default="quality_gate")
+    ap.add_argument("--shipped", action="store_true", help="time jobs/configs/select.yaml")
     ap.add_argument("--keep", help="write score tables here and keep them (default: a temp dir)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--write", nargs=2, metavar=("DIR", "ROWS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.shipped:
+        args.method = "shipped"
     if args.child:
         child(args.child, args.method)
         return 0
