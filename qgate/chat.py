@@ -143,9 +143,10 @@ def tokenize_messages(
 
     Returns ``input_ids``, ``attention_mask``, ``labels`` (-100 where no loss),
     ``truncated``, ``n_tokens_full`` and ``n_prompt`` (the tokens before the first answer
-    token, whatever ``loss_on``: what the prompt embedding pools over). ``loss_on`` is 'assistant' (every token overlapping
-    an assistant content or its closing special token) or 'all'. Over-long samples keep their
-    first ``max_length`` tokens. A chat template that raises on this conversation, or loses a
+    token, whatever ``loss_on``: what the prompt embedding pools over; the whole text for a
+    slow tokenizer under 'all', which gives no offsets). ``loss_on`` is 'assistant' (every
+    token overlapping an assistant content or its closing special token) or 'all'. Over-long
+    samples keep their first ``max_length`` tokens. A chat template that raises on this conversation, or loses a
     message, raises ``RowError(tokenization_error)``; a broken tokenizer raises as it is.
     """
     if loss_on not in ("assistant", "all"):

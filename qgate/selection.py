@@ -70,6 +70,13 @@ from qgate.scores import (
 
 log = logging.getLogger(__name__)
 
+PROMPT_FEATURES = "prompt_embedding"
+"""The scores column calibration=cluster clusters: what each row asks."""
+ROWS_PER_CALIBRATION_CLUSTER = 64
+"""calibration_k None: one prompt cluster per this many scored rows (2 to 256). Measured on
+five synthetic corpora of 2,000 rows, noise share, AUROC and family balance were flat from
+k = 24 to 100 (BENCHMARKS.md, "Ranking within prompt clusters")."""
+
 
 # ----------------------------------------------------------------------------- the pipeline
 
@@ -178,14 +185,6 @@ def _score_and_assign(parts, pool: _Pool, ref: Reference, features: str | None):
             X = list_matrix(batch.column(PROMPT_FEATURES), PROMPT_FEATURES)
             calib[pos] = assign_clusters(normalize_rows(X), P)
     return q, cluster, calib
-
-
-PROMPT_FEATURES = "prompt_embedding"
-"""The scores column calibration=cluster clusters: what each row asks."""
-ROWS_PER_CALIBRATION_CLUSTER = 64
-"""calibration_k None: one prompt cluster per this many scored rows (2 to 256). Measured on
-five synthetic corpora of 2,000 rows, noise share, AUROC and family balance were flat from
-k = 24 to 100 (BENCHMARKS.md, "Ranking within prompt clusters")."""
 
 
 def calibration_k(cfg: SelectConfig, n: int) -> int:
