@@ -236,12 +236,13 @@ def weighted_rows(
     generators: dict,
     corrupt,
 ) -> list[dict]:
-    """Rows of one split for a corpus with unbalanced families (corpora D and E).
+    """Rows of one split for a corpus with unbalanced families (corpora D, E and F).
 
     ``noisy`` of ``n`` rows are spread evenly over the ``noise`` kinds and shuffled; each row's
     family is drawn with ``weights``, its task from ``generators[family](rng)`` (an item with
     ``prompt`` and ``answer``) until the prompt is new, its source from ``sources[family]``
-    (``((source, weight), ...)``) and a noisy row's answer from ``corrupt(kind, item, rng)``.
+    (``((source, weight), ...)``) and a noisy row's answer from ``corrupt(kind, item, rng)``
+    (or its prompt and answer, where ``corrupt`` returns a pair).
     """
     kinds = [noise[i % len(noise)] for i in range(noisy)]
     kinds += ["clean"] * (n - noisy)
@@ -259,9 +260,13 @@ def weighted_rows(
         seen.add(item.prompt)
         names, source_weights = zip(*sources[family])
         source = rng.choices(names, source_weights)[0]
-        content = item.answer if kind == "clean" else corrupt(kind, item, rng)
+        prompt, content = item.prompt, item.answer
+        if kind != "clean":  # corrupt gives the assistant turn, or (user turn, assistant turn)
+            content = corrupt(kind, item, rng)
+            if isinstance(content, tuple):
+                prompt, content = content
         rows.append(
-            chat_row(f"{split}-{i:06d}", source, family, kind, item.answer, item.prompt, content)
+            chat_row(f"{split}-{i:06d}", source, family, kind, item.answer, prompt, content)
         )
     return rows
 

@@ -26,7 +26,9 @@ other target families), which no setting here was tuned on (B). With ``--corpora
 and six other noise kinds, none of which qgate.synthetic or the contrast negatives make;
 ``--corpora D`` the same with bench/heldout_corpus_d.py, a fourth generator kept out of every
 choice made on A, B and C (unbalanced families, a family under two sources, six more kinds);
-``--corpora E`` with bench/heldout_corpus_e.py, a fifth, run after the choice made on A-D.
+``--corpora E`` with bench/heldout_corpus_e.py, a fifth, run after the choice made on A-D;
+``--corpora F`` with bench/heldout_corpus_f.py: E's families with noise in the prompt (a
+garbled, cut-off, placeholder or context-less question over the right answer).
 
 Writes OUT/quality.md (the table), OUT/quality.json (every number) and prints the table.
 Stage outputs live under OUT as well; the bench never reuses them (a re-run starts clean).
@@ -248,6 +250,18 @@ METHODS = (
         "worst_rank(ppl,ifd) cluster",
         "probe_contrast",
         {"method": "worst_rank", "signals": PPL_IFD, "calibration": "cluster", "diversity": False},
+    ),
+    # the gate within prompt clusters, IFD within the source: a cluster of broken prompts
+    # (corpus F) is no longer ranked only against itself on IFD
+    Method(
+        "worst_rank(contrast gate clu,ifd src)",
+        "probe_contrast",
+        {
+            "method": "worst_rank",
+            "signals": GATE_IFD,
+            "calibration": {"gate": "cluster", "ifd": "source"},
+            "diversity": False,
+        },
     ),
     # only IFD, a ratio of two perplexities of the same answer, also ranked pool-wide: its
     # level means the same in every task, while perplexity's and the gate's follow the task
@@ -1203,16 +1217,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--corpora",
         nargs="+",
-        choices=["A", "B", "C", "D", "E"],
+        choices=["A", "B", "C", "D", "E", "F"],
         default=["A", "B"],
         help="which corpora to run (A: --seed/--families, B: --gen-seed/--gen-families, C:"
         " bench/heldout_corpus.py with --heldout-seed, D: bench/heldout_corpus_d.py with"
-        " --heldout-d-seed, E: bench/heldout_corpus_e.py with --heldout-e-seed; C, D and E"
-        " need --base-model)",
+        " --heldout-d-seed, E: bench/heldout_corpus_e.py with --heldout-e-seed, F:"
+        " bench/heldout_corpus_f.py with --heldout-f-seed; C-F need --base-model)",
     )
     ap.add_argument("--heldout-seed", type=int, default=2, help="corpus C's seed")
     ap.add_argument("--heldout-d-seed", type=int, default=3, help="corpus D's seed")
     ap.add_argument("--heldout-e-seed", type=int, default=4, help="corpus E's seed")
+    ap.add_argument("--heldout-f-seed", type=int, default=5, help="corpus F's seed")
     ap.add_argument(
         "--measure-only",
         action="store_true",
@@ -1344,6 +1359,7 @@ def run(args, argv, st: Settings, downstream: bool, budgets: list[float]) -> int
     from bench.heldout_corpus import HELDOUT_FAMILIES, generate_heldout
     from bench.heldout_corpus_d import HELDOUT_D_FAMILIES, generate_heldout_d
     from bench.heldout_corpus_e import HELDOUT_E_FAMILIES, generate_heldout_e
+    from bench.heldout_corpus_f import HELDOUT_F_FAMILIES, generate_heldout_f
     from qgate.synthetic import SPLITS, generate_corpus
 
     command = "python bench/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
@@ -1360,6 +1376,7 @@ def run(args, argv, st: Settings, downstream: bool, budgets: list[float]) -> int
         "C": (args.heldout_seed, HELDOUT_FAMILIES, generate_heldout),
         "D": (args.heldout_d_seed, HELDOUT_D_FAMILIES, generate_heldout_d),
         "E": (args.heldout_e_seed, HELDOUT_E_FAMILIES, generate_heldout_e),
+        "F": (args.heldout_f_seed, HELDOUT_F_FAMILIES, generate_heldout_f),
     }
     for tag in sorted(set(args.corpora) & set(held_out)):
         if not args.base_model:

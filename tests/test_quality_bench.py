@@ -366,3 +366,48 @@ def test_corpus_e_tasks_are_right_and_its_wrong_rule_is_wrong():
     item = GENERATORS["remainder"](random.Random(1))
     a, b = (int(x) for x in item.prompt.replace("?", "").replace(".", "").split() if x.isdigit())
     assert item.answer == str(a % b)
+
+
+def test_corpus_f_breaks_the_prompt_and_keeps_the_right_answer(tmp_path):
+    """Corpus F (bench/heldout_corpus_f.py) is E's families with noise in the prompt: a
+    prompt-noise row keeps the right answer under a question it no longer asks (garbled,
+    cut before its operands, a placeholder, or about missing material); an answer-noise row
+    keeps its own question. The kinds are even, the clean prompts unique across splits, and
+    the files the same for the same seed."""
+    _bench()
+    from bench.heldout_corpus_e import HELDOUT_E_FAMILIES
+    from bench.heldout_corpus_f import (
+        HELDOUT_F_FAMILIES,
+        HELDOUT_F_NOISE,
+        PROMPT_NOISE,
+        generate_heldout_f,
+    )
+    from qgate.synthetic import read_rows
+
+    assert HELDOUT_F_FAMILIES == HELDOUT_E_FAMILIES
+    paths = generate_heldout_f(str(tmp_path / "a"), n_pool=600, n_test=60, n_target=30)
+    again = generate_heldout_f(str(tmp_path / "b"), n_pool=600, n_test=60, n_target=30)
+    split_rows = {s: read_rows(p) for s, p in paths.items()}
+    assert all(split_rows[s] == read_rows(p) for s, p in again.items())
+    pool = split_rows["pool"]
+    kinds = [r["noise"] for r in pool]
+    assert {k: kinds.count(k) for k in HELDOUT_F_NOISE} == dict.fromkeys(HELDOUT_F_NOISE, 30)
+    clean_prompts = [
+        r["messages"][0]["content"]
+        for rows in split_rows.values()
+        for r in rows
+        if r["noise"] not in PROMPT_NOISE
+    ]
+    assert len(clean_prompts) == len(set(clean_prompts)) == 690 - 30 * len(PROMPT_NOISE)
+    by_prompt = {
+        r["messages"][0]["content"]: r["answer"]
+        for rows in split_rows.values()
+        for r in rows
+        if r["noise"] == "clean"
+    }
+    for r in pool:
+        prompt, content = (m["content"] for m in r["messages"])
+        if r["noise"] in PROMPT_NOISE:
+            assert content == r["answer"] and prompt not in by_prompt
+        else:
+            assert (content == r["answer"]) == (r["noise"] == "clean")
