@@ -399,8 +399,8 @@ def test_corpus_f_breaks_the_prompt_and_keeps_the_right_answer(tmp_path):
         if r["noise"] not in PROMPT_NOISE
     ]
     assert len(clean_prompts) == len(set(clean_prompts)) == 690 - 30 * len(PROMPT_NOISE)
-    by_prompt = {
-        r["messages"][0]["content"]: r["answer"]
+    clean = {
+        r["messages"][0]["content"]
         for rows in split_rows.values()
         for r in rows
         if r["noise"] == "clean"
@@ -408,6 +408,6 @@ def test_corpus_f_breaks_the_prompt_and_keeps_the_right_answer(tmp_path):
     for r in pool:
         prompt, content = (m["content"] for m in r["messages"])
         if r["noise"] in PROMPT_NOISE:
-            assert content == r["answer"] and prompt not in by_prompt
+            assert content == r["answer"] and prompt not in clean
         else:
             assert (content == r["answer"]) == (r["noise"] == "clean")
